@@ -1,0 +1,233 @@
+//! The request-level API: adapters + scheduler behind one object, with every input
+//! validated before any state changes.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::adapters::{
+    Adapter, AdapterConfig, AdapterKind, AdapterRegistry, ModelSpec, TensorInput,
+};
+use crate::error::{Error, Result};
+use crate::invocation::activation_start;
+use crate::plan::StepPlan;
+use crate::request::{ActiveAdapter, Counters, Request, RequestId, RequestOutput, Status};
+use crate::scheduler::{Scheduler, SchedulerConfig};
+
+#[derive(Debug)]
+pub struct Engine {
+    registry: AdapterRegistry,
+    scheduler: Scheduler,
+    next_request: RequestId,
+}
+
+/// Parameters of one request.
+#[derive(Debug, Clone, Default)]
+pub struct RequestParams {
+    pub adapter: Option<String>,
+    pub max_new_tokens: usize,
+    pub stop_token_ids: Vec<u32>,
+}
+
+impl Engine {
+    pub fn new(spec: ModelSpec, cfg: SchedulerConfig) -> Result<Self> {
+        Ok(Self {
+            registry: AdapterRegistry::new(spec),
+            scheduler: Scheduler::new(cfg)?,
+            next_request: 0,
+        })
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        self.scheduler.config()
+    }
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+    pub fn registry(&self) -> &AdapterRegistry {
+        &self.registry
+    }
+
+    pub fn load_adapter_dir(
+        &mut self,
+        name: &str,
+        dir: &Path,
+        invocation: Option<Vec<u32>>,
+    ) -> Result<Arc<Adapter>> {
+        let a = self.registry.load_dir(name, dir, invocation)?;
+        self.check_fits(&a)
+    }
+
+    pub fn load_adapter_tensors(
+        &mut self,
+        name: &str,
+        config: AdapterConfig,
+        tensors: Vec<TensorInput>,
+        invocation: Option<Vec<u32>>,
+    ) -> Result<Arc<Adapter>> {
+        let a = self
+            .registry
+            .load_tensors(name, config, tensors, invocation)?;
+        self.check_fits(&a)
+    }
+
+    /// An adapter that could never be paged in is refused at load time, not at first use.
+    fn check_fits(&mut self, a: &Arc<Adapter>) -> Result<Arc<Adapter>> {
+        if !self.scheduler.rows.fits_ever(a.max_rank) {
+            let name = a.name.clone();
+            self.registry.unload(&name)?;
+            return Err(Error::Capacity(format!(
+                "adapter `{name}` has rank {} but the device pool holds {} rank rows; raise adapter_rows",
+                a.max_rank,
+                self.scheduler.rows.total_rows()
+            )));
+        }
+        Ok(a.clone())
+    }
+
+    pub fn unload_adapter(&mut self, name: &str) -> Result<()> {
+        let id = self.registry.get(name)?.id;
+        let busy = self
+            .scheduler
+            .requests()
+            .filter(|r| r.adapter_name.as_deref() == Some(name))
+            .count();
+        if busy > 0 {
+            return Err(Error::AdapterBusy {
+                name: name.into(),
+                requests: busy,
+            });
+        }
+        self.scheduler.rows.evict(id)?;
+        self.registry.unload(name)?;
+        Ok(())
+    }
+
+    pub fn add_request(&mut self, prompt: Vec<u32>, params: RequestParams) -> Result<RequestId> {
+        let cfg = self.scheduler.config();
+        if prompt.is_empty() {
+            return Err(Error::InvalidRequest(
+                "empty prompt: a request needs at least one token".into(),
+            ));
+        }
+        if params.max_new_tokens == 0 {
+            return Err(Error::InvalidRequest(
+                "max_new_tokens must be at least 1".into(),
+            ));
+        }
+        if prompt.len() >= cfg.max_model_len {
+            return Err(Error::InvalidRequest(format!(
+                "prompt of {} tokens leaves no room to generate within max_model_len {}",
+                prompt.len(),
+                cfg.max_model_len
+            )));
+        }
+        // KV slots the request may need: everything but its last sampled token.
+        let max_len = (prompt.len() + params.max_new_tokens).min(cfg.max_model_len);
+        let blocks = (max_len - 1).div_ceil(cfg.block_size);
+        if blocks > cfg.num_blocks {
+            return Err(Error::Capacity(format!(
+                "request of up to {max_len} tokens needs {blocks} KV blocks but the pool has {}; \
+                 shorten the prompt or max_new_tokens, or enlarge the KV cache",
+                cfg.num_blocks
+            )));
+        }
+        let active = match &params.adapter {
+            None => None,
+            Some(name) => {
+                let a = self.registry.get(name)?;
+                let start = match a.kind {
+                    AdapterKind::Lora => Some(0),
+                    AdapterKind::ALora => {
+                        activation_start(&prompt, a.invocation_tokens.as_deref().unwrap_or(&[]))
+                    }
+                };
+                start.map(|start| ActiveAdapter {
+                    id: a.id,
+                    rank: a.max_rank,
+                    start,
+                })
+            }
+        };
+        let id = self.next_request;
+        self.next_request += 1;
+        let prompt_len = prompt.len();
+        self.scheduler.add(Request {
+            id,
+            adapter_name: params.adapter,
+            active,
+            prompt_len,
+            tokens: prompt,
+            max_new_tokens: params.max_new_tokens,
+            stop_token_ids: params.stop_token_ids,
+            num_computed: 0,
+            status: Status::Waiting,
+            kv: Default::default(),
+            counters: Counters {
+                prompt_tokens: prompt_len,
+                ..Counters::default()
+            },
+            admitted_once: false,
+        });
+        Ok(id)
+    }
+
+    pub fn schedule(&mut self) -> Result<Option<StepPlan>> {
+        self.scheduler.schedule()
+    }
+
+    pub fn commit(&mut self, step_id: u64, sampled: &[i64]) -> Result<Vec<RequestOutput>> {
+        self.scheduler.commit(step_id, sampled)
+    }
+
+    pub fn abort(&mut self, id: RequestId) -> Result<RequestOutput> {
+        self.scheduler.abort(id)
+    }
+
+    /// Current state of an unfinished request (finished ones are reported once, by commit).
+    pub fn request_output(&self, id: RequestId) -> Result<RequestOutput> {
+        let r = self
+            .scheduler
+            .request(id)
+            .ok_or(Error::UnknownRequest(id))?;
+        Ok(RequestOutput {
+            request_id: id,
+            new_token: None,
+            finish_reason: None,
+            output_tokens: r.output_tokens().to_vec(),
+            counters: r.counters.clone(),
+        })
+    }
+
+    pub fn has_unfinished(&self) -> bool {
+        self.scheduler.has_unfinished()
+    }
+
+    pub fn reset_prefix_cache(&mut self) {
+        self.scheduler.reset_prefix_cache();
+    }
+
+    /// Counters for monitoring and leak checks.
+    pub fn stats(&self) -> Vec<(&'static str, u64)> {
+        let s = &self.scheduler;
+        let pool = &s.kv.pool;
+        let st = &s.stats;
+        vec![
+            ("free_blocks", pool.num_free() as u64),
+            ("total_blocks", pool.num_blocks() as u64),
+            ("used_blocks", (pool.num_blocks() - pool.num_free()) as u64),
+            ("cached_blocks", pool.num_cached() as u64),
+            ("running", s.num_running() as u64),
+            ("waiting", s.num_waiting() as u64),
+            ("loaded_adapters", self.registry.len() as u64),
+            ("resident_adapters", s.rows.num_resident() as u64),
+            ("free_adapter_rows", s.rows.free_rows() as u64),
+            ("total_adapter_rows", s.rows.total_rows() as u64),
+            ("prefix_query_tokens", st.prefix_query_tokens),
+            ("prefix_hit_tokens", st.prefix_hit_tokens),
+            ("preemptions", st.preemptions),
+            ("adapter_loads", st.adapter_loads),
+            ("adapter_evictions", st.adapter_evictions),
+            ("steps", st.steps),
+        ]
+    }
+}

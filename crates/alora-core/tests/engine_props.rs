@@ -1,0 +1,492 @@
+//! Property tests of the whole bookkeeping stack, through the engine's public API.
+//!
+//! A simulated device holds one fingerprint per KV slot. Executing a plan copies slots for
+//! copy-on-write, then writes, for each token, the fingerprint a from-scratch forward would
+//! produce there: a hash of the tokens up to it and, from the activation start on, the
+//! adapter and that start. After every step each scheduled sequence's context, read through
+//! its block table, must equal the from-scratch fingerprints: reuse is exact or it fails.
+
+use std::collections::HashMap;
+
+use alora_core::adapters::{AdapterConfig, ModelSpec, ModuleSpec, TensorInput};
+use alora_core::engine::{Engine, RequestParams};
+use alora_core::plan::StepPlan;
+use alora_core::scheduler::SchedulerConfig;
+use proptest::prelude::*;
+
+const BS: usize = 4;
+const INVOCATION: [u32; 2] = [1, 2];
+
+fn engine(
+    num_blocks: usize,
+    max_batch_tokens: usize,
+    max_num_seqs: usize,
+    adapter_rows: usize,
+    cache: bool,
+) -> Engine {
+    let spec = ModelSpec::new(
+        1,
+        vec![ModuleSpec {
+            name: "q_proj".into(),
+            path: "self_attn.q_proj".into(),
+            in_features: 4,
+            out_features: 4,
+        }],
+    )
+    .unwrap();
+    let mut e = Engine::new(
+        spec,
+        SchedulerConfig {
+            block_size: BS,
+            num_blocks,
+            max_batch_tokens,
+            max_num_seqs,
+            max_model_len: 64,
+            adapter_rows,
+            page_rows: 2,
+            enable_prefix_cache: cache,
+        },
+    )
+    .unwrap();
+    for (name, r, inv) in [
+        ("lora", 2, None),
+        ("alora", 4, Some(INVOCATION.to_vec())),
+        ("alora2", 2, Some(vec![3])),
+    ] {
+        let cfg = format!(r#"{{"r": {r}, "lora_alpha": {r}, "target_modules": ["q_proj"]}}"#);
+        let t = |s: &str, shape: Vec<usize>| TensorInput {
+            name: format!("base_model.model.model.layers.0.self_attn.q_proj.{s}.weight"),
+            data: vec![0.5; shape.iter().product()],
+            shape,
+        };
+        e.load_adapter_tensors(
+            name,
+            AdapterConfig::from_json_str(&cfg, "test").unwrap(),
+            vec![t("lora_A", vec![r, 4]), t("lora_B", vec![4, r])],
+            inv,
+        )
+        .unwrap();
+    }
+    e
+}
+
+fn fingerprint(tokens: &[u32], key: Option<(u64, usize)>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    tokens.hash(&mut h);
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// Deterministic "sampler": the next token is a function of the sequence so far.
+fn sample(tokens: &[u32]) -> u32 {
+    (fingerprint(tokens, None) % 5) as u32
+}
+
+#[derive(Clone, Debug)]
+struct Req {
+    prompt: Vec<u32>,
+    adapter: Option<&'static str>,
+    max_new: usize,
+}
+
+/// (adapter id, activation start) of a sequence, `None` when it runs as the base model.
+type Activation = Option<(u64, usize)>;
+
+struct Sim {
+    slots: Vec<u64>,
+    /// Per request: full token list as the engine should see it, activation key.
+    seqs: HashMap<u64, (Vec<u32>, Activation)>,
+    outputs: HashMap<u64, Vec<u32>>,
+}
+
+impl Sim {
+    fn new(num_blocks: usize) -> Self {
+        Self {
+            slots: vec![u64::MAX; num_blocks * BS],
+            seqs: HashMap::new(),
+            outputs: HashMap::new(),
+        }
+    }
+
+    fn expected(&self, id: u64, pos: usize) -> u64 {
+        let (tokens, act) = &self.seqs[&id];
+        let key = act.filter(|&(_, s)| pos >= s);
+        fingerprint(&tokens[..=pos], key)
+    }
+
+    /// Run the plan on the simulated device; check budgets and context contents.
+    fn execute(&mut self, e: &Engine, p: &StepPlan) -> Result<Vec<i64>, TestCaseError> {
+        let cfg = e.config();
+        prop_assert!(p.num_tokens() <= cfg.max_batch_tokens);
+        prop_assert!(p.num_seqs() <= cfg.max_num_seqs);
+        let src: Vec<Vec<u64>> = p
+            .copy_src
+            .iter()
+            .zip(&p.copy_len)
+            .map(|(&s, &n)| self.slots[s as usize * BS..s as usize * BS + n as usize].to_vec())
+            .collect();
+        for ((&d, &n), data) in p.copy_dst.iter().zip(&p.copy_len).zip(src) {
+            prop_assert!(n >= 1 && (n as usize) < BS + 1);
+            self.slots[d as usize * BS..d as usize * BS + n as usize].copy_from_slice(&data);
+        }
+        for s in 0..p.num_seqs() {
+            let id = p.request_ids[s];
+            let (q0, q1) = (p.query_start[s] as usize, p.query_start[s + 1] as usize);
+            for t in q0..q1 {
+                let pos = p.positions[t] as usize;
+                prop_assert_eq!(p.input_ids[t] as u32, self.seqs[&id].0[pos]);
+                let act = self.seqs[&id].1;
+                let lora = act.is_some_and(|(_, st)| pos >= st);
+                prop_assert_eq!(
+                    p.token_adapter_slot[t] >= 0,
+                    lora,
+                    "LoRA only from the activation start"
+                );
+                let fp = self.expected(id, pos);
+                self.slots[p.slot_mapping[t] as usize] = fp;
+            }
+            // The whole context, read through the block table, must be exact.
+            let ctx = p.context_lens[s] as usize;
+            prop_assert_eq!(ctx, p.positions[q1 - 1] as usize + 1);
+            let table = &p.block_tables[s * p.max_blocks..(s + 1) * p.max_blocks];
+            for pos in 0..ctx {
+                let slot = table[pos / BS] as usize * BS + pos % BS;
+                prop_assert_eq!(
+                    self.slots[slot],
+                    self.expected(id, pos),
+                    "request {} position {}",
+                    id,
+                    pos
+                );
+            }
+        }
+        // Segments group exactly the LoRA tokens, each under its own adapter.
+        let mut seen = 0;
+        for a in 0..p.segment_adapter.len() {
+            let (s0, s1) = (p.segment_start[a] as usize, p.segment_start[a + 1] as usize);
+            let rank = p.adapter_rank[a] as usize;
+            prop_assert_eq!(
+                p.adapter_row_start[a + 1] - p.adapter_row_start[a],
+                rank as i32
+            );
+            for &t in &p.sorted_token_idx[s0..s1] {
+                prop_assert_eq!(p.token_adapter_slot[t as usize], a as i32);
+            }
+            seen += s1 - s0;
+        }
+        prop_assert_eq!(
+            seen,
+            p.token_adapter_slot.iter().filter(|&&s| s >= 0).count()
+        );
+        Ok(p.sample_seqs
+            .iter()
+            .map(|&s| sample(&self.seqs[&p.request_ids[s as usize]].0) as i64)
+            .collect())
+    }
+}
+
+fn add(e: &mut Engine, sim: &mut Sim, r: &Req) -> u64 {
+    let id = e
+        .add_request(
+            r.prompt.clone(),
+            RequestParams {
+                adapter: r.adapter.map(String::from),
+                max_new_tokens: r.max_new,
+                stop_token_ids: vec![4],
+            },
+        )
+        .unwrap();
+    let act = r.adapter.and_then(|name| {
+        let a = e.registry().get(name).unwrap();
+        match &a.invocation_tokens {
+            None => Some((a.id, 0)),
+            Some(inv) => {
+                alora_core::invocation::activation_start(&r.prompt, inv).map(|s| (a.id, s))
+            }
+        }
+    });
+    sim.seqs.insert(id, (r.prompt.clone(), act));
+    id
+}
+
+fn step(e: &mut Engine, sim: &mut Sim) -> Result<bool, TestCaseError> {
+    let Some(p) = e.schedule().unwrap() else {
+        return Ok(false);
+    };
+    let sampled = sim.execute(e, &p)?;
+    let outs = e.commit(p.step_id, &sampled).unwrap();
+    for o in outs {
+        let id = o.request_id;
+        sim.seqs.get_mut(&id).unwrap().0.push(o.new_token.unwrap());
+        if o.finish_reason.is_some() {
+            let (tokens, _) = &sim.seqs[&id];
+            prop_assert_eq!(
+                &tokens[tokens.len() - o.output_tokens.len()..],
+                &o.output_tokens[..]
+            );
+            sim.outputs.insert(id, o.output_tokens);
+        }
+    }
+    if let Err(msg) = e.scheduler().check_invariants() {
+        return Err(TestCaseError::fail(msg));
+    }
+    Ok(true)
+}
+
+fn req_strategy() -> impl Strategy<Value = Req> {
+    // A few shared stems make prefix hits (and partial-block copies) common.
+    let stems = prop_oneof![
+        Just(vec![0u32, 3, 0, 3, 0, 3]),
+        Just(vec![0u32, 0, 3, 3, 0]),
+        Just(vec![])
+    ];
+    (
+        stems,
+        prop::collection::vec(0u32..5, 1..14),
+        prop_oneof![
+            Just(None),
+            Just(Some("lora")),
+            Just(Some("alora")),
+            Just(Some("alora2"))
+        ],
+        1usize..6,
+    )
+        .prop_map(|(mut stem, tail, adapter, max_new)| {
+            stem.extend(tail);
+            Req {
+                prompt: stem,
+                adapter,
+                max_new,
+            }
+        })
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Add(Req),
+    Step,
+    Abort(usize),
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![3 => req_strategy().prop_map(Op::Add), 5 => Just(Op::Step), 1 => (0usize..64).prop_map(Op::Abort)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// Random add/step/abort under tiny pools: contents exact, invariants hold after every
+    /// step, and once everything drains no block, pin or request is left behind.
+    #[test]
+    fn bookkeeping_is_exact_and_leak_free(
+        ops in prop::collection::vec(op_strategy(), 1..60),
+        num_blocks in 8usize..24,
+        max_batch_tokens in 1usize..24,
+        max_num_seqs in 1usize..6,
+        adapter_rows in 4usize..10,
+        cache in any::<bool>(),
+    ) {
+        let mut e = engine(num_blocks, max_batch_tokens, max_num_seqs, adapter_rows, cache);
+        let mut sim = Sim::new(num_blocks);
+        let mut ids = Vec::new();
+        for op in ops {
+            match op {
+                Op::Add(r) => ids.push(add(&mut e, &mut sim, &r)),
+                Op::Step => { step(&mut e, &mut sim)?; }
+                Op::Abort(i) => {
+                    if let Some(&id) = ids.get(i) {
+                        let _ = e.abort(id);
+                        prop_assert!(e.scheduler().check_invariants().is_ok());
+                    }
+                }
+            }
+        }
+        let mut guard = 0;
+        while step(&mut e, &mut sim)? {
+            guard += 1;
+            prop_assert!(guard < 10_000, "no progress");
+        }
+        prop_assert!(!e.has_unfinished());
+        let pool = &e.scheduler().kv.pool;
+        prop_assert_eq!(pool.num_free(), pool.num_blocks(), "leaked blocks");
+        for a in e.scheduler().rows.resident() {
+            prop_assert_eq!(e.scheduler().rows.pin_count(a), 0);
+        }
+    }
+
+    /// Preemption, eviction, chunking and the prefix cache change nothing observable: the
+    /// same requests with the same sampler produce the same tokens as with a roomy engine.
+    #[test]
+    fn outputs_independent_of_pool_budget_and_cache(
+        reqs in prop::collection::vec(req_strategy(), 1..10),
+        num_blocks in 8usize..16,
+        max_batch_tokens in 1usize..10,
+        max_num_seqs in 1usize..5,
+        cache in any::<bool>(),
+    ) {
+        let run = |num_blocks, max_batch_tokens, max_num_seqs, adapter_rows, cache| -> Result<Vec<Vec<u32>>, TestCaseError> {
+            let mut e = engine(num_blocks, max_batch_tokens, max_num_seqs, adapter_rows, cache);
+            let mut sim = Sim::new(num_blocks);
+            let ids: Vec<u64> = reqs.iter().map(|r| add(&mut e, &mut sim, r)).collect();
+            while step(&mut e, &mut sim)? {}
+            Ok(ids.iter().map(|id| sim.outputs[id].clone()).collect())
+        };
+        let reference = run(256, 1024, 64, 64, false)?;
+        let tight = run(num_blocks, max_batch_tokens, max_num_seqs, 4, cache)?;
+        prop_assert_eq!(reference, tight);
+    }
+}
+
+/// DESIGN.md section 5 in three requests: base blocks are shared by base and aLoRA requests
+/// on the same prefix (the straddling block too, by copy), never by plain LoRA.
+#[test]
+fn base_blocks_shared_with_alora_never_with_lora() {
+    let mut e = engine(64, 256, 8, 64, true);
+    let mut sim = Sim::new(64);
+    let conv: Vec<u32> = (0..13).map(|i| (i % 3) + 5).collect(); // 13 tokens: 3 full blocks + 1
+    let base = add(
+        &mut e,
+        &mut sim,
+        &Req {
+            prompt: conv.clone(),
+            adapter: None,
+            max_new: 1,
+        },
+    );
+    while step(&mut e, &mut sim).unwrap() {}
+    let _ = base;
+    // aLoRA call: conversation + invocation at position 13 (inside block 3).
+    let mut call = conv.clone();
+    call.extend(INVOCATION);
+    call.push(9);
+    let a = add(
+        &mut e,
+        &mut sim,
+        &Req {
+            prompt: call.clone(),
+            adapter: Some("alora"),
+            max_new: 1,
+        },
+    );
+    let p = e.schedule().unwrap().unwrap();
+    let s = p.request_ids.iter().position(|&r| r == a).unwrap();
+    // Everything before the activation start is reused: 12 tokens in full blocks + 1 copied.
+    assert_eq!(p.positions[p.query_start[s] as usize], 13);
+    assert_eq!(p.copy_len.to_vec(), vec![1]);
+    let sampled = sim.execute(&e, &p).unwrap();
+    let out = e.commit(p.step_id, &sampled).unwrap();
+    assert_eq!(out[0].counters.cached_tokens, 13);
+    assert_eq!(out[0].counters.computed_tokens, call.len() - 13);
+    assert_eq!(out[0].counters.lora_tokens, call.len() - 13);
+    // Plain LoRA on the same prefix reuses nothing.
+    let l = add(
+        &mut e,
+        &mut sim,
+        &Req {
+            prompt: call,
+            adapter: Some("lora"),
+            max_new: 1,
+        },
+    );
+    let p = e.schedule().unwrap().unwrap();
+    let s = p.request_ids.iter().position(|&r| r == l).unwrap();
+    assert_eq!(p.positions[p.query_start[s] as usize], 0);
+    assert!(p.copy_len.is_empty());
+}
+
+/// A second conversation turn computes only what is new: the previous turn's full blocks
+/// hit, its partial last block is copied, and only the last sampled token (never computed)
+/// plus the new tokens run.
+#[test]
+fn next_turn_computes_only_new_tokens() {
+    let mut e = engine(64, 256, 8, 64, true);
+    let mut sim = Sim::new(64);
+    let p1: Vec<u32> = vec![0, 3, 0, 0, 3, 3, 0]; // 7 tokens
+    let id = add(
+        &mut e,
+        &mut sim,
+        &Req {
+            prompt: p1,
+            adapter: None,
+            max_new: 4,
+        },
+    );
+    while step(&mut e, &mut sim).unwrap() {}
+    let mut turn2 = sim.seqs[&id].0.clone(); // prompt + 4 generated = 11 tokens
+    let prev = turn2.len();
+    turn2.extend([3, 3, 3, 0, 0]);
+    let id2 = add(
+        &mut e,
+        &mut sim,
+        &Req {
+            prompt: turn2.clone(),
+            adapter: None,
+            max_new: 1,
+        },
+    );
+    let p = e.schedule().unwrap().unwrap();
+    let sampled = sim.execute(&e, &p).unwrap();
+    let out = e.commit(p.step_id, &sampled).unwrap();
+    let o = out.iter().find(|o| o.request_id == id2).unwrap();
+    assert_eq!(o.counters.cached_tokens, prev - 1);
+    assert_eq!(o.counters.computed_tokens, turn2.len() - (prev - 1));
+}
+
+#[test]
+fn bad_requests_leave_engine_unchanged() {
+    let mut e = engine(4, 16, 4, 8, true);
+    let before = e.stats();
+    let p = |adapter: Option<&str>, n| RequestParams {
+        adapter: adapter.map(String::from),
+        max_new_tokens: n,
+        stop_token_ids: vec![],
+    };
+    assert!(matches!(
+        e.add_request(vec![], p(None, 1)),
+        Err(alora_core::Error::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        e.add_request(vec![1], p(None, 0)),
+        Err(alora_core::Error::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        e.add_request(vec![1; 64], p(None, 1)),
+        Err(alora_core::Error::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        e.add_request(vec![1; 20], p(None, 1)),
+        Err(alora_core::Error::Capacity(_))
+    ));
+    assert!(matches!(
+        e.add_request(vec![1], p(Some("nope"), 1)),
+        Err(alora_core::Error::UnknownAdapter(_))
+    ));
+    assert_eq!(e.stats(), before);
+    assert!(e.schedule().unwrap().is_none());
+    // commit without a step, and a wrong sample count, are refused.
+    assert!(matches!(e.commit(0, &[]), Err(alora_core::Error::Step(_))));
+    let id = e.add_request(vec![1, 2], p(None, 2)).unwrap();
+    let plan = e.schedule().unwrap().unwrap();
+    assert!(matches!(e.schedule(), Err(alora_core::Error::Step(_))));
+    assert!(matches!(
+        e.commit(plan.step_id, &[1, 2]),
+        Err(alora_core::Error::Step(_))
+    ));
+    assert!(matches!(
+        e.commit(plan.step_id, &[-1]),
+        Err(alora_core::Error::Step(_))
+    ));
+    e.commit(plan.step_id, &[1]).unwrap();
+    // An adapter with unfinished requests cannot be unloaded.
+    assert!(matches!(
+        e.unload_adapter("missing"),
+        Err(alora_core::Error::UnknownAdapter(_))
+    ));
+    e.abort(id).unwrap();
+    assert!(matches!(
+        e.abort(id),
+        Err(alora_core::Error::UnknownRequest(_))
+    ));
+    assert_eq!(e.scheduler().kv.pool.num_free(), 4);
+}

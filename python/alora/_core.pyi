@@ -1,0 +1,179 @@
+"""Type stubs for the Rust extension `alora._core` (crate `crates/alora-py`).
+
+Kept in sync with the module by `tests/test_stubs.py`.
+"""
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+__version__: str
+
+# ---- exception tree (all raised by the engine; subclasses of AloraError) ----
+class AloraError(Exception): ...
+class AdapterError(AloraError): ...
+class AdapterFormatError(AdapterError): ...
+class UnsupportedDtypeError(AdapterFormatError): ...
+class AdapterShapeError(AdapterError): ...
+class ConfigError(AloraError, ValueError): ...
+class CapacityError(AloraError): ...
+class UnknownAdapterError(AdapterError, KeyError): ...
+class DuplicateAdapterError(AdapterError): ...
+class AdapterBusyError(AdapterError): ...
+class InvalidRequestError(AloraError, ValueError): ...
+class UnknownRequestError(AloraError, KeyError): ...
+class StepError(AloraError): ...
+
+def kernel_sources() -> dict[str, str]:
+    """CUDA sources from `cuda/`, embedded in the extension at build time: file name -> text."""
+
+def activation_start(tokens: Sequence[int], invocation: Sequence[int]) -> int | None:
+    """First index of the last occurrence of `invocation` in `tokens`, or None."""
+
+class AdapterInfo:
+    """A loaded adapter: metadata plus zero-copy views of its host weights."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> Literal["lora", "alora"]: ...
+    @property
+    def rank(self) -> int:
+        """Largest rank over its modules: the number of pool rows it occupies."""
+    @property
+    def use_rslora(self) -> bool: ...
+    @property
+    def invocation_tokens(self) -> list[int] | None: ...
+    @property
+    def target_modules(self) -> list[str]:
+        """Names (from the model spec) of the modules that have weights in at least one layer."""
+    @property
+    def config_json(self) -> str: ...
+    def module_rank(self, layer: int, module: str) -> int:
+        """Rank of the adapter at (layer, module), 0 when not adapted there."""
+    def scale(self, layer: int, module: str) -> float:
+        """lora_alpha / r (or / sqrt(r) with rsLoRA) at (layer, module), with alpha/rank patterns applied."""
+    def weights(
+        self, layer: int, module: str
+    ) -> tuple[NDArray[np.float32], NDArray[np.float32]] | None:
+        """(A [r, in], B [out, r]) float32 read-only views of Rust memory, or None when not adapted."""
+
+class StepPlan:
+    """One forward pass, as flat arrays (DESIGN.md section 4). Tokens are the step's token axis."""
+
+    @property
+    def step_id(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def num_seqs(self) -> int: ...
+    request_ids: NDArray[np.uint64]  # [S]
+    input_ids: NDArray[np.int64]  # [T]
+    positions: NDArray[np.int64]  # [T]
+    slot_mapping: NDArray[np.int64]  # [T] block * block_size + offset
+    query_start: NDArray[np.int64]  # [S + 1]
+    context_lens: NDArray[np.int64]  # [S] tokens in the KV after this step
+    block_tables: NDArray[np.int32]  # [S, max_blocks], padded with -1
+    sample_indices: NDArray[np.int64]  # [N] token index whose logits are sampled
+    sample_seqs: NDArray[np.int64]  # [N] sequence index (into request_ids) of each sample
+    token_adapter_slot: NDArray[np.int32]  # [T] index into segment arrays, -1 = base
+    sorted_token_idx: NDArray[np.int64]  # [T_active] token indices grouped by adapter
+    segment_start: NDArray[np.int32]  # [A + 1] offsets into sorted_token_idx
+    segment_adapter: NDArray[np.uint64]  # [A] adapter id of each segment
+    adapter_rank: NDArray[np.int32]  # [A]
+    adapter_row_start: NDArray[np.int32]  # [A + 1] offsets into adapter_rows
+    adapter_rows: NDArray[np.int32]  # [sum rank] pool rows of each segment's adapter
+    copy_src: NDArray[np.int64]  # [C] source block of a prefix copy-on-write
+    copy_dst: NDArray[np.int64]  # [C] destination block
+    copy_len: NDArray[np.int64]  # [C] leading token slots to copy
+    adapter_loads: list[tuple[int, NDArray[np.int32]]]
+    """(adapter id, pool rows) to fill from host weights before the forward pass."""
+
+class RequestOutput:
+    @property
+    def request_id(self) -> int: ...
+    @property
+    def new_token(self) -> int | None: ...
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def finish_reason(self) -> Literal["stop", "length", "abort"] | None: ...
+    @property
+    def output_tokens(self) -> list[int]: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose KV came from the prefix cache (full blocks and copied slots)."""
+    @property
+    def computed_tokens(self) -> int:
+        """Tokens run through the model for this request so far (recomputation included)."""
+    @property
+    def lora_tokens(self) -> int:
+        """Computed tokens that got LoRA compute (0 for base requests)."""
+    @property
+    def preemptions(self) -> int: ...
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        modules: Sequence[tuple[str, str, int, int]],
+        block_size: int,
+        num_blocks: int,
+        max_batch_tokens: int,
+        max_num_seqs: int,
+        adapter_rows: int,
+        max_model_len: int,
+        page_rows: int = 8,
+        enable_prefix_cache: bool = True,
+    ) -> None:
+        """`modules`: (name, path within a decoder layer, in_features, out_features), e.g.
+        ("q_proj", "self_attn.q_proj", 4096, 4096)."""
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def adapter_rows(self) -> int: ...
+    def load_adapter(
+        self, name: str, path: str, invocation_tokens: Sequence[int] | None = None
+    ) -> AdapterInfo:
+        """Load a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    def load_adapter_from_tensors(
+        self,
+        name: str,
+        config_json: str,
+        tensors: dict[str, NDArray[np.float32]],
+        invocation_tokens: Sequence[int] | None = None,
+    ) -> AdapterInfo: ...
+    def unload_adapter(self, name: str) -> None: ...
+    def adapter(self, name: str) -> AdapterInfo: ...
+    def adapters(self) -> list[AdapterInfo]: ...
+    def add_request(
+        self,
+        prompt: Sequence[int],
+        *,
+        adapter: str | None = None,
+        max_new_tokens: int = 16,
+        stop_token_ids: Sequence[int] = (),
+    ) -> int:
+        """Queue a request; returns its id. Validates everything before changing state."""
+    def schedule(self) -> StepPlan | None:
+        """Plan the next forward pass, or None when no request is unfinished."""
+    def commit(self, step_id: int, sampled: Sequence[int] | NDArray[np.int64]) -> list[RequestOutput]:
+        """Apply the tokens sampled for `plan.sample_seqs` (same order); one output per sample
+        plus one per request that finished."""
+    def abort(self, request_id: int) -> RequestOutput: ...
+    def request_output(self, request_id: int) -> RequestOutput: ...
+    def has_unfinished(self) -> bool: ...
+    def stats(self) -> dict[str, int]:
+        """Counters: free_blocks, total_blocks, cached_blocks, used_blocks, running, waiting,
+        resident_adapters, free_adapter_rows, total_adapter_rows, prefix_queries_tokens,
+        prefix_hit_tokens, preemptions, adapter_loads, adapter_evictions, steps."""
+    def reset_prefix_cache(self) -> None: ...
