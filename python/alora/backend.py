@@ -12,6 +12,7 @@ adapter is paged in, so one scale per segment suffices.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -43,6 +44,25 @@ class LoraBatch:
     def num_active(self) -> int:
         return self.seg_start_host[-1] if self.seg_start_host else 0
 
+    @cached_property
+    def token_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per active token, its adapter's pool rows padded to `max_rank` (int64
+        [T_active, max_rank]) and the scale to apply per row, 0 on padding (float32, same
+        shape). Built once per batch and shared by every module that uses it."""
+        device = self.token_idx.device
+        r = self.max_rank
+        rows = torch.zeros((self.num_segments, r), dtype=torch.int64)
+        scale = torch.zeros((self.num_segments, r), dtype=torch.float32)
+        host_rows = self.rows.cpu()
+        for a, (r0, rank) in enumerate(
+            zip(self.seg_row_start_host[:-1], self.seg_rank_host, strict=True)
+        ):
+            rows[a, :rank] = host_rows[r0 : r0 + rank]
+            scale[a, :rank] = self.seg_scale_host[a]
+        counts = torch.diff(torch.tensor(self.seg_start_host))
+        seg_of_token = torch.repeat_interleave(torch.arange(self.num_segments), counts)
+        return rows[seg_of_token].to(device), scale[seg_of_token].to(device)
+
 
 class LoraBackend(Protocol):
     """Adds the LoRA delta of a batch in place."""
@@ -60,10 +80,20 @@ class LoraBackend(Protocol):
 
 
 class TorchBackend:
-    """Reference backend: plain torch ops per segment. The CPU path and the oracle for
-    the CUDA kernels; accumulates in float32 (float64 inputs stay float64)."""
+    """Reference backend in plain torch: the CPU path and the oracle for the CUDA kernels;
+    accumulates in float32 (float64 inputs stay float64).
+
+    Two forms, chosen per batch. Segments with many tokens (prefill chunks) run one pair of
+    matmuls per segment, reading each adapter's rows once. Many segments of few tokens
+    (decode) would pay the per-op overhead once per segment, so they instead gather each
+    token's rows (padded to the largest rank, padding scaled by zero) and run one batched
+    matmul pair for the whole batch; `gather_limit` bounds the gathered elements.
+    """
 
     name = "torch"
+
+    def __init__(self, gather_limit: int = 1 << 16) -> None:
+        self.gather_limit = gather_limit
 
     def add_lora(
         self,
@@ -76,6 +106,9 @@ class TorchBackend:
         if batch.num_active == 0:
             return
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if batch.num_segments > 1 and batch.num_active * batch.max_rank <= self.gather_limit:
+            self._gathered(y, x, a_pool, bt_pool, batch, acc)
+            return
         starts, rstarts = batch.seg_start_host, batch.seg_row_start_host
         for a in range(batch.num_segments):
             t0, t1 = starts[a], starts[a + 1]
@@ -87,3 +120,21 @@ class TorchBackend:
             v = xa @ a_pool.index_select(0, rows).to(acc).t()
             delta = (v @ bt_pool.index_select(0, rows).to(acc)) * batch.seg_scale_host[a]
             y.index_add_(0, tok, delta.to(y.dtype))
+
+    @staticmethod
+    def _gathered(
+        y: torch.Tensor,
+        x: torch.Tensor,
+        a_pool: torch.Tensor,
+        bt_pool: torch.Tensor,
+        batch: LoraBatch,
+        acc: torch.dtype,
+    ) -> None:
+        rows, scale = batch.token_rows
+        tok = batch.token_idx
+        xa = x.index_select(0, tok).to(acc)  # [T, in]
+        a = a_pool[rows].to(acc)  # [T, r, in]
+        v = torch.bmm(a, xa[:, :, None])[:, :, 0] * scale.to(acc)  # [T, r]
+        bt = bt_pool[rows].to(acc)  # [T, r, out]
+        delta = torch.bmm(v[:, None, :], bt)[:, 0]
+        y.index_add_(0, tok, delta.to(y.dtype))
