@@ -1,0 +1,184 @@
+"""Test helpers shared by the CPU (emulated) and GPU kernel tests: random batches with
+heterogeneous ranks, scattered pool rows and inactive tokens, and the float64 reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from alora.backend import LoraBatch
+
+if TYPE_CHECKING:
+    from alora.kernels.launch import CudaBackend
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@dataclass(frozen=True)
+class Case:
+    dtype: torch.dtype
+    segs: tuple[tuple[int, int], ...]  # (tokens, rank) per segment; either may be 0
+    inactive: int  # tokens of the step that no segment touches
+    in_features: int
+    out_features: tuple[int, ...]  # one per module (1 to 3 share x)
+    extra_rows: int = 3  # pool rows no segment uses
+    misalign: bool = False  # offset every tensor by one element: the scalar (unaligned) paths
+    seed: int = 0
+    form: str | None = None
+    ks: int | None = None
+
+
+@dataclass
+class Inputs:
+    x: torch.Tensor
+    ys: list[torch.Tensor]
+    a_pools: list[torch.Tensor]
+    bt_pools: list[torch.Tensor]
+    batch: LoraBatch
+    inactive_idx: torch.Tensor  # token indices outside token_idx
+    keep: list[torch.Tensor] = field(default_factory=list)  # storages behind offset views
+
+
+def _tensor(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    g: torch.Generator,
+    misalign: bool,
+    device: torch.device,
+    keep: list[torch.Tensor],
+    scale: float = 1.0,
+) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    off = 1 if misalign else 0
+    buf = (torch.randn(n + off, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+    keep.append(buf)
+    return buf[off:].view(shape)
+
+
+def make_inputs(case: Case, device: torch.device | str = "cpu") -> Inputs:
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(case.seed)
+    n_active = sum(n for n, _ in case.segs)
+    t = n_active + case.inactive
+    ranks = [r for _, r in case.segs]
+    r_pool = sum(ranks) + case.extra_rows
+    keep: list[torch.Tensor] = []
+    x = _tensor((t, case.in_features), case.dtype, g, case.misalign, device, keep)
+    a_pools = [
+        _tensor((r_pool, case.in_features), case.dtype, g, case.misalign, device, keep, 0.5)
+        for _ in case.out_features
+    ]
+    bt_pools = [
+        _tensor((r_pool, o), case.dtype, g, case.misalign, device, keep, 0.5)
+        for o in case.out_features
+    ]
+    ys = [_tensor((t, o), case.dtype, g, case.misalign, device, keep) for o in case.out_features]
+
+    perm = torch.randperm(t, generator=g)
+    token_idx, inactive_idx = perm[:n_active].clone(), perm[n_active:].clone()
+    if case.inactive and case.dtype != torch.float32:
+        for y in ys:  # odd bit patterns in rows that must stay bit-identical
+            y[inactive_idx[0]] = float("nan")
+            y[inactive_idx[-1]] = -0.0
+    row_perm = torch.randperm(r_pool, generator=g).to(torch.int32)
+    starts, rstarts = [0], [0]
+    for n, r in case.segs:
+        starts.append(starts[-1] + n)
+        rstarts.append(rstarts[-1] + r)
+    scales = [0.25 + 1.5 * float(v) for v in torch.rand(len(case.segs), generator=g)]
+
+    def dev(v: torch.Tensor) -> torch.Tensor:
+        return v.to(device)
+
+    batch = LoraBatch(
+        token_idx=dev(token_idx.to(torch.int64)),
+        seg_start=dev(torch.tensor(starts, dtype=torch.int32)),
+        seg_rank=dev(torch.tensor(ranks, dtype=torch.int32)),
+        seg_row_start=dev(torch.tensor(rstarts, dtype=torch.int32)),
+        rows=dev(row_perm[: sum(ranks)].clone()),
+        seg_scale=dev(torch.tensor(scales, dtype=torch.float32)),
+        seg_start_host=tuple(starts),
+        seg_rank_host=tuple(ranks),
+        seg_row_start_host=tuple(rstarts),
+        seg_scale_host=tuple(scales),
+        max_rank=max(ranks, default=0),
+        max_seg_tokens=max((n for n, _ in case.segs), default=0),
+    )
+    return Inputs(x, ys, a_pools, bt_pools, batch, dev(inactive_idx), keep)
+
+
+def reference_v(x: torch.Tensor, a_pool: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
+    """float64 V [T_active, max_rank]; NaN where j >= rank of the token's segment."""
+    v = torch.full((batch.num_active, max(1, batch.max_rank)), float("nan"), dtype=torch.float64)
+    x64, a64 = x.double().cpu(), a_pool.double().cpu()
+    tok, rows = batch.token_idx.cpu(), batch.rows.cpu().long()
+    for s in range(batch.num_segments):
+        t0, t1 = batch.seg_start_host[s], batch.seg_start_host[s + 1]
+        r0, r1 = batch.seg_row_start_host[s], batch.seg_row_start_host[s + 1]
+        if t1 > t0 and r1 > r0:
+            v[t0:t1, : r1 - r0] = x64[tok[t0:t1]] @ a64[rows[r0:r1]].t()
+    return v
+
+
+def reference_y(
+    y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, bt_pool: torch.Tensor, batch: LoraBatch
+) -> torch.Tensor:
+    """float64 y + the LoRA delta, computed on the CPU."""
+    out = y.double().cpu().clone()
+    x64, a64, b64 = x.double().cpu(), a_pool.double().cpu(), bt_pool.double().cpu()
+    tok, rows = batch.token_idx.cpu(), batch.rows.cpu().long()
+    for s in range(batch.num_segments):
+        t0, t1 = batch.seg_start_host[s], batch.seg_start_host[s + 1]
+        r0, r1 = batch.seg_row_start_host[s], batch.seg_row_start_host[s + 1]
+        if t1 > t0 and r1 > r0:
+            idx = rows[r0:r1]
+            delta = (x64[tok[t0:t1]] @ a64[idx].t()) @ b64[idx] * batch.seg_scale_host[s]
+            out.index_add_(0, tok[t0:t1], delta)
+    return out
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref| over finite reference entries (0 when there are none)."""
+    got, ref = got.double().cpu(), ref.double().cpu()
+    mask = torch.isfinite(ref)
+    if not bool(mask.any()):
+        return 0.0
+    diff = (got[mask] - ref[mask]).abs().max().item()
+    return diff / max(ref[mask].abs().max().item(), 1e-30)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns, for bit-identity checks that treat NaN and -0.0 exactly."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def check_case(backend: CudaBackend, case: Case, device: torch.device | str = "cpu") -> None:
+    """Run shrink then expand for `case` and check them against the float64 reference: V
+    (poisoned before the launch, so unwritten elements show), y of active tokens within the
+    dtype's tolerance, y of inactive tokens bit-identical."""
+    inp = make_inputs(case, device)
+    y0 = [y.clone() for y in inp.ys]
+    batch = inp.batch
+    plan = backend.plan(
+        batch, case.in_features, num_modules=len(inp.ys), form=case.form, ks=case.ks
+    )
+    vp = torch.full(plan.vp_shape, float("nan"), device=inp.x.device)
+    backend.shrink(inp.x, inp.a_pools, batch, plan=plan, out=vp)
+    v_all = vp.sum(1).cpu()  # [modules, T_active, ldv]: the splits folded, as expand does
+    for m, a in enumerate(inp.a_pools):
+        ref = reference_v(inp.x, a, batch)
+        got = v_all[m, :, : ref.shape[1]]
+        written = torch.isfinite(ref)
+        assert bool(torch.isfinite(got[written]).all()), f"shrink left V[{m}] elements unwritten"
+        assert bool(torch.isnan(got[~written]).all()), f"shrink wrote V[{m}] past a rank"
+        assert rel_err(got, ref) <= TOLERANCE[torch.float32], f"V of module {m}"
+    backend.expand(inp.ys, inp.bt_pools, vp, batch, plan)
+    act, inactive = batch.token_idx, inp.inactive_idx
+    for m, y in enumerate(inp.ys):
+        ref = reference_y(y0[m], inp.x, inp.a_pools[m], inp.bt_pools[m], batch)
+        assert rel_err(y[act], ref[act.cpu()]) <= TOLERANCE[case.dtype], f"y of module {m}"
+        assert torch.equal(bits(y[inactive]), bits(y0[m][inactive])), "inactive token touched"
