@@ -64,7 +64,7 @@ def oracle(y, x, a_pool, bt_pool, seg_tokens, rows, scales) -> torch.Tensor:
 
 
 @settings(max_examples=60, deadline=None)
-@given(problems(), st.sampled_from(["loop", "gather"]))
+@given(problems(), st.sampled_from(["loop", "gather", "dense"]))
 def test_backend_matches_float64_oracle(problem: tuple, form: str) -> None:
     num_tokens, d_in, d_out, pool_rows, ranks, rows, seg_tokens, scales, seed = problem
     g = torch.Generator().manual_seed(seed)
@@ -72,6 +72,13 @@ def test_backend_matches_float64_oracle(problem: tuple, form: str) -> None:
     y = torch.randn(num_tokens, d_out, generator=g)
     a_pool = torch.randn(pool_rows, d_in, generator=g)
     bt_pool = torch.randn(pool_rows, d_out, generator=g)
+    if form == "dense":  # every token active, so the dense form is chosen
+        owner = {t for seg in seg_tokens for t in seg}
+        spare = [t for t in range(num_tokens) if t not in owner]
+        seg_tokens = [seg_tokens[0] + spare, *seg_tokens[1:]]
+        if len(seg_tokens) == 1:
+            seg_tokens.append([])
+            ranks, rows, scales = [*ranks, 1], [*rows, [rows[0][0]]], [*scales, 1.0]
     batch = make_batch(seg_tokens, ranks, rows, scales)
     backend = TorchBackend(gather_limit=0 if form == "loop" else 1 << 30)
     ref = oracle(y, x, a_pool, bt_pool, seg_tokens, rows, scales)

@@ -63,6 +63,23 @@ class LoraBatch:
         seg_of_token = torch.repeat_interleave(torch.arange(self.num_segments), counts)
         return rows[seg_of_token].to(device), scale[seg_of_token].to(device)
 
+    @cached_property
+    def _dense_rows(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        return {}
+
+    def dense_rows(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`token_rows` laid out over all `num_tokens` tokens of the step in token order;
+        inactive tokens get row 0 with scale 0, so they receive an exact zero delta."""
+        cache = self._dense_rows
+        if num_tokens not in cache:
+            rows, scale = self.token_rows
+            dense = torch.zeros((num_tokens, self.max_rank), dtype=torch.int64, device=rows.device)
+            dense_scale = torch.zeros((num_tokens, self.max_rank), device=rows.device)
+            dense[self.token_idx] = rows
+            dense_scale[self.token_idx] = scale
+            cache[num_tokens] = (dense, dense_scale)
+        return cache[num_tokens]
+
 
 class LoraBackend(Protocol):
     """Adds the LoRA delta of a batch in place."""
@@ -83,11 +100,14 @@ class TorchBackend:
     """Reference backend in plain torch: the CPU path and the oracle for the CUDA kernels;
     accumulates in float32 (float64 inputs stay float64).
 
-    Two forms, chosen per batch. Segments with many tokens (prefill chunks) run one pair of
+    Forms, chosen per batch. Segments with many tokens (prefill chunks) run one pair of
     matmuls per segment, reading each adapter's rows once. Many segments of few tokens
     (decode) would pay the per-op overhead once per segment, so they instead gather each
     token's rows (padded to the largest rank, padding scaled by zero) and run one batched
-    matmul pair for the whole batch; `gather_limit` bounds the gathered elements.
+    matmul pair for the whole batch; `gather_limit` bounds the gathered elements. When at
+    least half the step's tokens are active, the gather covers every token in token order
+    (inactive ones scaled by zero), which drops the index_select/index_add pair and adds
+    the delta in the second matmul: on small CPU batches the op count is the cost.
     """
 
     name = "torch"
@@ -106,8 +126,12 @@ class TorchBackend:
         if batch.num_active == 0:
             return
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        if batch.num_segments > 1 and batch.num_active * batch.max_rank <= self.gather_limit:
-            self._gathered(y, x, a_pool, bt_pool, batch, acc)
+        num_tokens = x.shape[0]
+        if batch.num_segments > 1 and num_tokens * batch.max_rank <= self.gather_limit:
+            if 2 * batch.num_active >= num_tokens:
+                self._dense(y, x, a_pool, bt_pool, batch, acc)
+            else:
+                self._gathered(y, x, a_pool, bt_pool, batch, acc)
             return
         starts, rstarts = batch.seg_start_host, batch.seg_row_start_host
         for a in range(batch.num_segments):
@@ -120,6 +144,23 @@ class TorchBackend:
             v = xa @ a_pool.index_select(0, rows).to(acc).t()
             delta = (v @ bt_pool.index_select(0, rows).to(acc)) * batch.seg_scale_host[a]
             y.index_add_(0, tok, delta.to(y.dtype))
+
+    @staticmethod
+    def _dense(
+        y: torch.Tensor,
+        x: torch.Tensor,
+        a_pool: torch.Tensor,
+        bt_pool: torch.Tensor,
+        batch: LoraBatch,
+        acc: torch.dtype,
+    ) -> None:
+        rows, scale = batch.dense_rows(x.shape[0])
+        v = torch.bmm(a_pool[rows].to(acc), x.to(acc)[:, :, None])  # [T, r, 1]
+        v = v.transpose(1, 2) * scale.to(acc)[:, None, :]  # [T, 1, r]
+        if y.dtype == acc and y.is_contiguous():
+            y[:, None, :].baddbmm_(v, bt_pool[rows])
+        else:
+            y += torch.bmm(v, bt_pool[rows].to(acc))[:, 0].to(y.dtype)
 
     @staticmethod
     def _gathered(
