@@ -56,11 +56,11 @@ class AdapterInfo:
     def module_rank(self, layer: int, module: str) -> int:
         """Rank of the adapter at (layer, module), 0 when not adapted there."""
     def scale(self, layer: int, module: str) -> float:
-        """lora_alpha / r (or / sqrt(r) with rsLoRA) at (layer, module), with alpha/rank patterns applied."""
+        """lora_alpha / r (or / sqrt(r) with rsLoRA) at (layer, module), patterns applied."""
     def weights(
         self, layer: int, module: str
     ) -> tuple[NDArray[np.float32], NDArray[np.float32]] | None:
-        """(A [r, in], B [out, r]) float32 read-only views of Rust memory, or None when not adapted."""
+        """(A [r, in], B [out, r]): float32 read-only views of Rust memory; None if not adapted."""
 
 class StepPlan:
     """One forward pass, as flat arrays (DESIGN.md section 4). Tokens are the step's token axis."""
@@ -166,9 +166,11 @@ class Engine:
         """Queue a request; returns its id. Validates everything before changing state."""
     def schedule(self) -> StepPlan | None:
         """Plan the next forward pass, or None when no request is unfinished."""
-    def commit(self, step_id: int, sampled: Sequence[int] | NDArray[np.int64]) -> list[RequestOutput]:
-        """Apply the tokens sampled for `plan.sample_seqs` (same order); one output per sample
-        plus one per request that finished."""
+    def commit(
+        self, step_id: int, sampled: Sequence[int] | NDArray[np.int64]
+    ) -> list[RequestOutput]:
+        """Apply the tokens sampled for `plan.sample_seqs` (same order); one output per sampled
+        request, with `finished` set on those that ended."""
     def abort(self, request_id: int) -> RequestOutput: ...
     def request_output(self, request_id: int) -> RequestOutput: ...
     def has_unfinished(self) -> bool: ...
