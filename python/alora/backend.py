@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -49,19 +51,22 @@ class LoraBatch:
         """Per active token, its adapter's pool rows padded to `max_rank` (int64
         [T_active, max_rank]) and the scale to apply per row, 0 on padding (float32, same
         shape). Built once per batch and shared by every module that uses it."""
-        device = self.token_idx.device
+        # numpy: per-segment slicing of tiny arrays costs far less than in torch.
         r = self.max_rank
-        rows = torch.zeros((self.num_segments, r), dtype=torch.int64)
-        scale = torch.zeros((self.num_segments, r), dtype=torch.float32)
-        host_rows = self.rows.cpu()
+        rows = np.zeros((self.num_segments, r), dtype=np.int64)
+        scale = np.zeros((self.num_segments, r), dtype=np.float32)
+        host_rows = self.rows.cpu().numpy()
         for a, (r0, rank) in enumerate(
             zip(self.seg_row_start_host[:-1], self.seg_rank_host, strict=True)
         ):
             rows[a, :rank] = host_rows[r0 : r0 + rank]
             scale[a, :rank] = self.seg_scale_host[a]
-        counts = torch.diff(torch.tensor(self.seg_start_host))
-        seg_of_token = torch.repeat_interleave(torch.arange(self.num_segments), counts)
-        return rows[seg_of_token].to(device), scale[seg_of_token].to(device)
+        seg_of_token = np.repeat(np.arange(self.num_segments), np.diff(self.seg_start_host))
+        device = self.token_idx.device
+        return (
+            torch.from_numpy(rows[seg_of_token]).to(device),
+            torch.from_numpy(scale[seg_of_token]).to(device),
+        )
 
     @cached_property
     def _dense_rows(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -155,12 +160,7 @@ class TorchBackend:
         acc: torch.dtype,
     ) -> None:
         rows, scale = batch.dense_rows(x.shape[0])
-        v = torch.bmm(a_pool[rows].to(acc), x.to(acc)[:, :, None])  # [T, r, 1]
-        v = v.transpose(1, 2) * scale.to(acc)[:, None, :]  # [T, 1, r]
-        if y.dtype == acc and y.is_contiguous():
-            y[:, None, :].baddbmm_(v, bt_pool[rows])
-        else:
-            y += torch.bmm(v, bt_pool[rows].to(acc))[:, 0].to(y.dtype)
+        y += _gathered_delta(x, a_pool, bt_pool, rows, scale, acc).to(y.dtype)
 
     @staticmethod
     def _gathered(
@@ -173,9 +173,29 @@ class TorchBackend:
     ) -> None:
         rows, scale = batch.token_rows
         tok = batch.token_idx
-        xa = x.index_select(0, tok).to(acc)  # [T, in]
-        a = a_pool[rows].to(acc)  # [T, r, in]
-        v = torch.bmm(a, xa[:, :, None])[:, :, 0] * scale.to(acc)  # [T, r]
-        bt = bt_pool[rows].to(acc)  # [T, r, out]
-        delta = torch.bmm(v[:, None, :], bt)[:, 0]
+        delta = _gathered_delta(x.index_select(0, tok), a_pool, bt_pool, rows, scale, acc)
         y.index_add_(0, tok, delta.to(y.dtype))
+
+
+def _gathered_delta(
+    x: torch.Tensor,
+    a_pool: torch.Tensor,
+    bt_pool: torch.Tensor,
+    rows: torch.Tensor,
+    scale: torch.Tensor,
+    acc: torch.dtype,
+) -> torch.Tensor:
+    """delta[t] = sum_j scale[t, j] * (x[t] . A[rows[t, j]]) * Bt[rows[t, j]], in `acc`.
+
+    Shrink is a gather plus multiply-sum (a batched mat-vec, which `bmm` handles poorly on
+    CPU); expand is `embedding_bag` with per-sample weights, which sums the scaled rows
+    without materialising them. Half-precision pools expand through `bmm` instead, since
+    `embedding_bag` would need half-precision weights."""
+    n, r = rows.shape
+    flat = rows.reshape(-1)
+    a = a_pool.index_select(0, flat).view(n, r, -1).to(acc)
+    v = (a * x.to(acc)[:, None, :]).sum(-1).mul_(scale.to(acc))
+    if bt_pool.dtype == acc:
+        return F.embedding_bag(rows, bt_pool, per_sample_weights=v, mode="sum")
+    bt = bt_pool.index_select(0, flat).view(n, r, -1).to(acc)
+    return torch.bmm(v[:, None, :], bt)[:, 0]
