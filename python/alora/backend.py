@@ -106,8 +106,8 @@ class TorchBackend:
     accumulates in float32 (float64 inputs stay float64).
 
     Forms, chosen per batch. Segments with many tokens (prefill chunks) run one pair of
-    matmuls per segment, reading each adapter's rows once. Many segments of few tokens
-    (decode) would pay the per-op overhead once per segment, so they instead gather each
+    matmuls per segment, reading each adapter's rows once. Small batches (decode, short
+    invocations) would pay the per-op overhead once per segment, so they instead gather each
     token's rows (padded to the largest rank, padding scaled by zero) and run one batched
     matmul pair for the whole batch; `gather_limit` bounds the gathered elements. When at
     least half the step's tokens are active, the gather covers every token in token order
@@ -132,7 +132,7 @@ class TorchBackend:
             return
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         num_tokens = x.shape[0]
-        if batch.num_segments > 1 and num_tokens * batch.max_rank <= self.gather_limit:
+        if num_tokens * batch.max_rank <= self.gather_limit:
             if 2 * batch.num_active >= num_tokens:
                 self._dense(y, x, a_pool, bt_pool, batch, acc)
             else:

@@ -609,17 +609,21 @@ class AdapterRuntime:
             ids = ids.tolist()
         if not ids:
             raise _core.InvalidRequestError("empty prompt: a request needs at least one token")
+        # Vectorised: a per-token Python check costs milliseconds on long conversations.
+        if not isinstance(ids, np.ndarray) and not _all_int_types(ids):
+            raise ValueError("prompt token ids must be integers")
+        try:
+            arr = np.asarray(ids, dtype=np.int64)
+        except OverflowError:
+            raise _core.InvalidRequestError("prompt token id out of the int64 range") from None
+        if arr.ndim != 1:
+            raise ValueError(f"prompt token ids must be a flat sequence, got shape {arr.shape}")
         vocab = self.geometry.vocab_size
-        out: list[int] = []
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                raise ValueError(f"prompt token ids must be integers, got {t!r}")
-            if not 0 <= int(t) < vocab:
-                raise _core.InvalidRequestError(
-                    f"token id {t} is outside the vocabulary [0, {vocab})"
-                )
-            out.append(int(t))
-        return out
+        bad = (arr < 0) | (arr >= vocab)
+        if bad.any():
+            t = int(arr[int(bad.argmax())])
+            raise _core.InvalidRequestError(f"token id {t} is outside the vocabulary [0, {vocab})")
+        return arr.tolist()
 
     def stats(self) -> dict[str, int]:
         """The engine's counters (free/used/total blocks, running, waiting, ...)."""
@@ -733,8 +737,18 @@ def _is_token_list(prompt: Any) -> bool:
         isinstance(prompt, (Sequence, np.ndarray, torch.Tensor))
         and not isinstance(prompt, str)
         and len(prompt) > 0
-        and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt)
+        and (
+            prompt.ndim == 1 and prompt.dtype.kind in "iu"
+            if isinstance(prompt, np.ndarray)
+            else _all_int_types(prompt)
+        )
     )
+
+
+def _all_int_types(values: Any) -> bool:
+    """Every element an integer (bools excluded), checked per distinct type, not per element."""
+    types = set(map(type, values))
+    return all(issubclass(t, (int, np.integer)) and t is not bool for t in types)
 
 
 def _as_prompt_list(prompts: Any) -> list[Prompt]:
