@@ -4,6 +4,8 @@ pool rows, inactive tokens that must stay bit-identical."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from hypothesis import given, settings
@@ -64,7 +66,7 @@ def oracle(y, x, a_pool, bt_pool, seg_tokens, rows, scales) -> torch.Tensor:
 
 
 @settings(max_examples=60, deadline=None)
-@given(problems(), st.sampled_from(["loop", "gather", "dense"]))
+@given(problems(), st.sampled_from(["loop", "gather", "dense", "views"]))
 def test_backend_matches_float64_oracle(problem: tuple, form: str) -> None:
     num_tokens, d_in, d_out, pool_rows, ranks, rows, seg_tokens, scales, seed = problem
     g = torch.Generator().manual_seed(seed)
@@ -72,6 +74,12 @@ def test_backend_matches_float64_oracle(problem: tuple, form: str) -> None:
     y = torch.randn(num_tokens, d_out, generator=g)
     a_pool = torch.randn(pool_rows, d_in, generator=g)
     bt_pool = torch.randn(pool_rows, d_out, generator=g)
+    if form == "views":  # contiguous tokens and rows per segment: the per-segment view form
+        sizes = [len(seg) for seg in seg_tokens]
+        bounds = np.minimum(np.cumsum([0, *sizes]), num_tokens)
+        seg_tokens = [list(range(b0, b1)) for b0, b1 in itertools.pairwise(bounds)]
+        offsets = np.cumsum([0, *ranks])
+        rows = [list(range(o, o + r)) for o, r in zip(offsets, ranks, strict=False)]
     if form == "dense":  # every token active, so the dense form is chosen
         owner = {t for seg in seg_tokens for t in seg}
         spare = [t for t in range(num_tokens) if t not in owner]
@@ -80,7 +88,7 @@ def test_backend_matches_float64_oracle(problem: tuple, form: str) -> None:
             seg_tokens.append([])
             ranks, rows, scales = [*ranks, 1], [*rows, [rows[0][0]]], [*scales, 1.0]
     batch = make_batch(seg_tokens, ranks, rows, scales)
-    backend = TorchBackend(gather_limit=0 if form == "loop" else 1 << 30)
+    backend = TorchBackend(gather_limit=0 if form in ("loop", "views") else 1 << 30)
     ref = oracle(y, x, a_pool, bt_pool, seg_tokens, rows, scales)
     got = y.clone()
     backend.add_lora(got, x, a_pool, bt_pool, batch)

@@ -69,6 +69,35 @@ class LoraBatch:
         )
 
     @cached_property
+    def spans(self) -> tuple[tuple[int, int, int, int] | None, ...]:
+        """Per segment, (first token, end token, first row, end row) when both its tokens
+        and its pool rows are contiguous ranges (then the per-segment form works on views,
+        with no gathers or scatters), else None. Empty segments are (0, 0, 0, 0)."""
+        tok = self.token_idx.cpu().numpy()
+        rows = self.rows.cpu().numpy()
+        out: list[tuple[int, int, int, int] | None] = []
+        for a in range(self.num_segments):
+            t0, t1 = self.seg_start_host[a], self.seg_start_host[a + 1]
+            r0, r1 = self.seg_row_start_host[a], self.seg_row_start_host[a + 1]
+            if t0 == t1:
+                out.append((0, 0, 0, 0))
+                continue
+            ts, rs = tok[t0:t1], rows[r0:r1]
+            if (
+                int(ts[-1]) - int(ts[0]) == t1 - t0 - 1
+                and bool((np.diff(ts) == 1).all())
+                and (
+                    r1 == r0
+                    or (int(rs[-1]) - int(rs[0]) == r1 - r0 - 1 and bool((np.diff(rs) == 1).all()))
+                )
+            ):
+                first_row = int(rs[0]) if r1 > r0 else 0
+                out.append((int(ts[0]), int(ts[-1]) + 1, first_row, first_row + r1 - r0))
+            else:
+                out.append(None)
+        return tuple(out)
+
+    @cached_property
     def _dense_rows(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         return {}
 
@@ -105,11 +134,14 @@ class TorchBackend:
     """Reference backend in plain torch: the CPU path and the oracle for the CUDA kernels;
     accumulates in float32 (float64 inputs stay float64).
 
-    Forms, chosen per batch. Segments with many tokens (prefill chunks) run one pair of
-    matmuls per segment, reading each adapter's rows once. Small batches (decode, short
+    Forms, chosen per batch by estimated op count. Per segment, one pair of matmuls that
+    reads the adapter's rows once; when the segment's tokens and rows are contiguous ranges
+    (one sequence's activated tokens; pages handed out in order) it runs on views, two ops
+    in all. Small batches (decode, short
     invocations) would pay the per-op overhead once per segment, so they instead gather each
     token's rows (padded to the largest rank, padding scaled by zero) and run one batched
-    matmul pair for the whole batch; `gather_limit` bounds the gathered elements. When at
+    matmul pair for the whole batch; `gather_limit` bounds the elements gathered per call
+    (tokens x rank x (in + out)), so prefill chunks never take this form. When at
     least half the step's tokens are active, the gather covers every token in token order
     (inactive ones scaled by zero), which drops the index_select/index_add pair and adds
     the delta in the second matmul: on small CPU batches the op count is the cost.
@@ -117,7 +149,7 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, gather_limit: int = 1 << 16) -> None:
+    def __init__(self, gather_limit: int = 1 << 23) -> None:
         self.gather_limit = gather_limit
 
     def add_lora(
@@ -132,22 +164,35 @@ class TorchBackend:
             return
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         num_tokens = x.shape[0]
-        if num_tokens * batch.max_rank <= self.gather_limit:
+        # Small CPU batches cost about one dispatch per op: a segment on views takes two
+        # ops, a gathered one seven, a gathered form over the whole batch about five.
+        per_segment_ops = sum(2 if sp is not None else 7 for sp in batch.spans)
+        gathered = num_tokens * batch.max_rank * (x.shape[1] + y.shape[1])
+        if gathered <= self.gather_limit and per_segment_ops > 5:
             if 2 * batch.num_active >= num_tokens:
                 self._dense(y, x, a_pool, bt_pool, batch, acc)
             else:
                 self._gathered(y, x, a_pool, bt_pool, batch, acc)
             return
         starts, rstarts = batch.seg_start_host, batch.seg_row_start_host
-        for a in range(batch.num_segments):
+        for a, span in enumerate(batch.spans):
             t0, t1 = starts[a], starts[a + 1]
             if t0 == t1 or batch.seg_rank_host[a] == 0:
+                continue
+            scale = batch.seg_scale_host[a]
+            if span is not None:
+                s0, s1, r0, r1 = span
+                v = x[s0:s1].to(acc) @ a_pool[r0:r1].to(acc).t()
+                if y.dtype == acc:
+                    y[s0:s1].addmm_(v, bt_pool[r0:r1].to(acc), alpha=scale)
+                else:
+                    y[s0:s1] += ((v @ bt_pool[r0:r1].to(acc)) * scale).to(y.dtype)
                 continue
             tok = batch.token_idx[t0:t1]
             rows = batch.rows[rstarts[a] : rstarts[a + 1]].long()
             xa = x.index_select(0, tok).to(acc)
             v = xa @ a_pool.index_select(0, rows).to(acc).t()
-            delta = (v @ bt_pool.index_select(0, rows).to(acc)) * batch.seg_scale_host[a]
+            delta = (v @ bt_pool.index_select(0, rows).to(acc)) * scale
             y.index_add_(0, tok, delta.to(y.dtype))
 
     @staticmethod
