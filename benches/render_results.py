@@ -1,0 +1,243 @@
+"""Render the README's results section from the committed JSON in benches/results.
+
+python benches/render_results.py          # rewrites README between the results markers
+python benches/render_results.py --stdout # print the section only
+
+Every number comes from the JSON files; nothing here is typed by hand. Smoke runs
+(`*_quick.json`) are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_meta import RESULTS, ROOT
+
+START = "<!-- results:start -->"
+END = "<!-- results:end -->"
+README = ROOT / "README.md"
+
+
+def _f(v: Any, spec: str = ".3f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _verdict(met: bool | None) -> str:
+    return "n/a" if met is None else ("**met**" if met else "**missed**")
+
+
+def _prov(d: dict[str, Any]) -> str:
+    m = d.get("machine", {})
+    cores = m.get("cores")
+    mi = d.get("model_info", {})
+    model = (
+        f"{mi.get('model', '?')} ({mi.get('layers', '?')} layers, hidden {mi.get('hidden', '?')})"
+    )
+    return (
+        f"_{d.get('date', '?')}, commit `{d.get('commit', '?')}`, {m.get('cpu', '?')}"
+        f" ({cores} cores), torch {m.get('torch', '?')}; model: {model}._"
+    )
+
+
+def _link(d: dict[str, Any]) -> str:
+    plot = d.get("plot")
+    return f"![{plot}](benches/results/{plot})" if plot else ""
+
+
+def chain(d: dict[str, Any]) -> list[str]:
+    p = d["params"]
+    rows = d["rows"]
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    lengths = sorted({r["length"] for r in rows})
+    by = {(r["system"], r["length"]): r for r in rows}
+    out = [
+        "### Agentic chain",
+        "",
+        _prov(d),
+        "",
+        f"After each base turn ({p['base_tokens']} tokens), k={p['k']} intrinsics"
+        f" ({p['intrinsic_tokens']} tokens each, invocation of {p['inv_len']} tokens, rank"
+        f" {p['rank']} on {' '.join(p['targets'])}). Median time to first token per intrinsic"
+        " (seconds):",
+        "",
+        "| N | " + " | ".join(systems) + " |",
+        "|---:|" + "---:|" * len(systems),
+    ]
+    for n in lengths:
+        cells = [_f(by[(s, n)]["ttft_inv_median_s"], ".4f") for s in systems]
+        out.append(f"| {n} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "End-to-end chain time (s) / tokens computed:",
+        "",
+        "| N | " + " | ".join(systems) + " |",
+        "|---:|" + "---:|" * len(systems),
+    ]
+    for n in lengths:
+        cells = [
+            f"{_f(by[(s, n)]['chain_s'], '.2f')} / {by[(s, n)]['computed_tokens']}" for s in systems
+        ]
+        out.append(f"| {n} | " + " | ".join(cells) + " |")
+    out += ["", "| target | measured | limit | verdict |", "|---|---:|---:|---|"]
+    for t in d.get("targets", []):
+        if "limit" in t:
+            detail = ""
+            if t.get("ours_s") is not None:
+                detail = (
+                    f" ({_f(t['ours_s'], '.4f')} s vs {_f(t['ref_s'], '.4f')} s, {t['source']})"
+                )
+            out.append(
+                f"| {t['name']} @N={t['length']} | {_f(t['ratio'], '.2f')}x{detail}"
+                f" | {t['limit']}x | {_verdict(t.get('met'))} |"
+            )
+        else:
+            out.append(f"| {t['name']} TTFT @N={t['length']} | {_f(t['ratio'], '.2f')}x | | |")
+    out += ["", _link(d), ""]
+    return out
+
+
+def fanout(d: dict[str, Any]) -> list[str]:
+    p = d["params"]
+    rows = d["rows"]
+    kmax = max(r["k"] for r in rows)
+    out = [
+        "### Fan-out",
+        "",
+        _prov(d),
+        "",
+        f"k intrinsics at once on a {p['length']}-token conversation, one batch (`/batch`) or"
+        f" one by one (`/seq`); k={kmax} shown (all k in the JSON and plot).",
+        "",
+        "| system | wall (s) | mean TTFT (s) | max TTFT (s) | tokens computed |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["k"] == kmax:
+            out.append(
+                f"| {r['system']} | {_f(r['wall_s'])} | {_f(r['ttft_mean_s'])}"
+                f" | {_f(r['ttft_max_s'])} | {r['computed_tokens']} |"
+            )
+    out += ["", f"| ratio (k={kmax}) | value |", "|---|---:|"]
+    for k, v in d.get("ratios", {}).items():
+        out.append(f"| {k} | {_f(v, '.2f')}x |")
+    out += ["", _link(d), ""]
+    return out
+
+
+def trace(d: dict[str, Any]) -> list[str]:
+    p = d["params"]
+    out = [
+        "### Multi-adapter trace (S-LoRA style)",
+        "",
+        _prov(d),
+        "",
+        f"{p['requests']} requests, Poisson {p['rate']}/s, Zipf popularity (alpha {p['alpha']}),"
+        f" {int(p['alora_frac'] * 100)}% aLoRA adapters, ranks {p['ranks']}, prompts"
+        f" {p['prompt_len'][0]}-{p['prompt_len'][1]} tokens, outputs"
+        f" {p['output_len'][0]}-{p['output_len'][1]}, targets {' '.join(p['targets'])}; PEFT"
+        f" and base in fixed batches of {p['batch']}; simulated clock advanced by measured"
+        " compute.",
+        "",
+        "| n | system | tok/s | TTFT mean / p99 (s) | TPOT mean / p99 (s) | decode tok/s"
+        " | swaps | preemptions |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in d["rows"]:
+        out.append(
+            f"| {r['n']} | {r['system']} | {_f(r['throughput_tok_s'], '.1f')}"
+            f" | {_f(r['ttft_mean_s'])} / {_f(r['ttft_p99_s'])}"
+            f" | {_f(r['tpot_mean_s'])} / {_f(r['tpot_p99_s'])}"
+            f" | {_f(r['decode_tok_s'], '.1f')} | {r['adapter_loads']} | {r['preemptions']} |"
+        )
+    probe = d.get("decode_probe") or {}
+    if probe:
+        systems = [k for k in next(iter(probe.values())) if k != "distinct_adapters"]
+        out += [
+            "",
+            f"Decode probe: the first {p['decode_batch']} requests of each trace as one batch,"
+            " prefilled, then decode tokens/s:",
+            "",
+            "| n | distinct adapters | " + " | ".join(systems) + " |",
+            "|---:|---:|" + "---:|" * len(systems),
+        ]
+        for n, row in probe.items():
+            cells = " | ".join(_f(row.get(k), ".1f") for k in systems)
+            out.append(f"| {n} | {int(row['distinct_adapters'])} | {cells} |")
+    out += ["", "| target | measured | limit | verdict |", "|---|---:|---:|---|"]
+    for t in d.get("targets", []):
+        extra = ""
+        if "ratio_vs_ours_base" in t:
+            extra = f" (vs our runtime without adapters: {_f(t['ratio_vs_ours_base'], '.2f')}x)"
+        if "trace_ratio" in t:
+            extra += f" (trace pure-decode steps: {_f(t['trace_ratio'], '.2f')}x)"
+        out.append(
+            f"| {t['name']} @n={t['n']} | {_f(t['ratio'], '.2f')}x{extra} | {t['limit']}x"
+            f" | {_verdict(t.get('met'))} |"
+        )
+    out += ["", _link(d), ""]
+    return out
+
+
+def core(d: dict[str, Any]) -> list[str]:
+    b = d.get("benches", {}).get("schedule_commit/256", {})
+    us = b.get("median_ns")
+    return [
+        "### Rust core",
+        "",
+        f"_{d.get('date', '?')}, commit `{d.get('commit', '?')}`._ schedule + commit at 256"
+        f" sequences: {_f(None if us is None else us / 1000, '.1f')} us (target <"
+        f" {d.get('target_schedule_commit_256_us')} us): {_verdict(d.get('target_met'))}.",
+        "",
+    ]
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "chain": chain,
+    "fanout": fanout,
+    "trace": trace,
+    "core_scheduler": core,
+}
+
+
+def render(results: Path = RESULTS) -> str:
+    lines = [
+        "## Results",
+        "",
+        "Generated by `python benches/render_results.py` from `benches/results/*.json`;"
+        " CPU runs on a shared 2-core machine (noisy: compare ratios within one run).",
+        "",
+    ]
+    for name, fn in RENDERERS.items():
+        path = results / f"{name}.json"
+        if path.is_file():
+            lines += fn(json.loads(path.read_text()))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stdout", action="store_true", help="print instead of rewriting README")
+    ap.add_argument("--readme", type=Path, default=README)
+    a = ap.parse_args()
+    section = render()
+    text = a.readme.read_text() if a.readme.is_file() else ""
+    if a.stdout or START not in text or END not in text:
+        if not a.stdout:
+            print(f"note: no {START} ... {END} markers in {a.readme}; printing instead")
+        print(section)
+        return 0
+    head, rest = text.split(START, 1)
+    _old, tail = rest.split(END, 1)
+    a.readme.write_text(f"{head}{START}\n{section}{END}{tail}")
+    print(f"rewrote the results section of {a.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
