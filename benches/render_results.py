@@ -197,6 +197,46 @@ def core(d: dict[str, Any]) -> list[str]:
     ]
 
 
+def runtime(results: Path) -> list[str]:
+    """Issue #3's figures (bench_runtime.py): demo model, plus a wider model when present."""
+    out = ["### aLoRA invocation TTFT and multi-adapter decode (`bench_runtime.py`)", ""]
+    rows = []
+    for folder in (results, results / "wide_model"):
+        ttft_path = folder / "runtime_alora_ttft.json"
+        dec_path = folder / "runtime_decode_16_adapters.json"
+        if not (ttft_path.is_file() and dec_path.is_file()):
+            continue
+        t, dec = json.loads(ttft_path.read_text()), json.loads(dec_path.read_text())
+        out.append(_prov(t))
+        out.append("")
+        ms = {k: v * 1000 for k, v in t["median_ttft_s"].items()}
+        tok = dec["median_tokens_per_s"]
+        rows.append(
+            f"| {t['model_info'].get('hidden', '?')} x {t['model_info'].get('layers', '?')}"
+            f" | {t['conv_len']} | {_f(ms['limit'], '.1f')} | {_f(ms['alora'], '.1f')}"
+            f" | {_f(ms['lora'], '.0f')} | {_f(t['alora_over_limit'], '.3f')}x"
+            f" ({_verdict(t['met'])}) | {_f(tok['base'], '.0f')} | {_f(tok['adapters'], '.0f')}"
+            f" | {_f(dec['adapters_over_base'], '.3f')}x ({_verdict(dec['met'])}) |"
+        )
+    if not rows:
+        return []
+    out += [
+        "Median TTFT (ms) of an invocation on a cached conversation: the base model prefilling",
+        "only the suffix on its cache (the limit), the aLoRA call, the same weights as LoRA;",
+        "decode tokens/s of 16 requests with 16 distinct rank-16 adapters vs without adapters",
+        "(targets: aLoRA <= 1.1x the limit, decode >= 0.9x).",
+        "",
+        "| hidden x layers | conversation | limit | aLoRA | LoRA | aLoRA / limit"
+        " | decode base | decode 16 adapters | ratio |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---|",
+        *rows,
+        "",
+        "![runtime_ttft.png](benches/results/runtime_ttft.png)",
+        "",
+    ]
+    return out
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "chain": chain,
     "fanout": fanout,
@@ -213,6 +253,7 @@ def render(results: Path = RESULTS) -> str:
         " CPU runs on a shared 2-core machine (noisy: compare ratios within one run).",
         "",
     ]
+    lines += runtime(results)
     for name, fn in RENDERERS.items():
         path = results / f"{name}.json"
         if path.is_file():
