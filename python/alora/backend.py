@@ -82,19 +82,12 @@ class LoraBatch:
             if t0 == t1:
                 out.append((0, 0, 0, 0))
                 continue
-            ts, rs = tok[t0:t1], rows[r0:r1]
-            if (
-                int(ts[-1]) - int(ts[0]) == t1 - t0 - 1
-                and bool((np.diff(ts) == 1).all())
-                and (
-                    r1 == r0
-                    or (int(rs[-1]) - int(rs[0]) == r1 - r0 - 1 and bool((np.diff(rs) == 1).all()))
-                )
-            ):
-                first_row = int(rs[0]) if r1 > r0 else 0
-                out.append((int(ts[0]), int(ts[-1]) + 1, first_row, first_row + r1 - r0))
-            else:
+            ts = _range_start(tok[t0:t1])
+            rs = _range_start(rows[r0:r1]) if r1 > r0 else 0
+            if ts is None or rs is None:
                 out.append(None)
+            else:
+                out.append((ts, ts + t1 - t0, rs, rs + r1 - r0))
         return tuple(out)
 
     @cached_property
@@ -113,6 +106,11 @@ class LoraBatch:
             dense_scale[self.token_idx] = scale
             cache[num_tokens] = (dense, dense_scale)
         return cache[num_tokens]
+
+
+def _range_start(values: np.ndarray) -> int | None:
+    """First element of a non-empty array of consecutive integers, else None."""
+    return int(values[0]) if bool((np.diff(values) == 1).all()) else None
 
 
 class LoraBackend(Protocol):
