@@ -18,6 +18,8 @@ pub struct Engine {
     registry: AdapterRegistry,
     scheduler: Scheduler,
     next_request: RequestId,
+    /// Token ids must lie in `[0, vocab_size)` (prompts, stop ids, invocation tokens).
+    vocab_size: Option<usize>,
 }
 
 /// Parameters of one request.
@@ -34,7 +36,33 @@ impl Engine {
             registry: AdapterRegistry::new(spec),
             scheduler: Scheduler::new(cfg)?,
             next_request: 0,
+            vocab_size: None,
         })
+    }
+
+    /// Check every token id against the model's vocabulary from now on.
+    pub fn with_vocab_size(mut self, vocab_size: usize) -> Result<Self> {
+        if vocab_size == 0 {
+            return Err(Error::Config {
+                field: "vocab_size".into(),
+                detail: "must be at least 1".into(),
+            });
+        }
+        self.vocab_size = Some(vocab_size);
+        Ok(self)
+    }
+
+    fn check_tokens(&self, what: &str, ids: &[u32]) -> Result<()> {
+        let Some(v) = self.vocab_size else {
+            return Ok(());
+        };
+        match ids.iter().position(|&t| t as usize >= v) {
+            Some(i) => Err(Error::InvalidRequest(format!(
+                "{what}[{i}] is token id {}, outside the vocabulary [0, {v})",
+                ids[i]
+            ))),
+            None => Ok(()),
+        }
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -70,8 +98,21 @@ impl Engine {
         self.check_fits(&a)
     }
 
-    /// An adapter that could never be paged in is refused at load time, not at first use.
+    /// An adapter that could never be paged in, or never activate, is refused at load time,
+    /// not at first use.
     fn check_fits(&mut self, a: &Arc<Adapter>) -> Result<Arc<Adapter>> {
+        if let Some(inv) = &a.invocation_tokens {
+            if let Err(e) = self.check_tokens("invocation_tokens", inv) {
+                self.registry.unload(&a.name)?;
+                return Err(match e {
+                    Error::InvalidRequest(d) => Error::Config {
+                        field: "alora_invocation_tokens".into(),
+                        detail: format!("{d}: the adapter could never activate"),
+                    },
+                    e => e,
+                });
+            }
+        }
         if !self.scheduler.rows.fits_ever(a.max_rank) {
             let name = a.name.clone();
             self.registry.unload(&name)?;
@@ -114,6 +155,8 @@ impl Engine {
                 "max_new_tokens must be at least 1".into(),
             ));
         }
+        self.check_tokens("prompt", &prompt)?;
+        self.check_tokens("stop_token_ids", &params.stop_token_ids)?;
         if prompt.len() >= cfg.max_model_len {
             return Err(Error::InvalidRequest(format!(
                 "prompt of {} tokens leaves no room to generate within max_model_len {}",
@@ -122,7 +165,10 @@ impl Engine {
             )));
         }
         // KV slots the request may need: everything but its last sampled token.
-        let max_len = (prompt.len() + params.max_new_tokens).min(cfg.max_model_len);
+        let max_len = prompt
+            .len()
+            .saturating_add(params.max_new_tokens)
+            .min(cfg.max_model_len);
         let blocks = (max_len - 1).div_ceil(cfg.block_size);
         if blocks > cfg.num_blocks {
             return Err(Error::Capacity(format!(
@@ -177,6 +223,11 @@ impl Engine {
 
     pub fn commit(&mut self, step_id: u64, sampled: &[i64]) -> Result<Vec<RequestOutput>> {
         self.scheduler.commit(step_id, sampled)
+    }
+
+    /// Roll back the step in flight (see [`Scheduler::cancel_step`]).
+    pub fn cancel_step(&mut self, step_id: u64) -> Result<()> {
+        self.scheduler.cancel_step(step_id)
     }
 
     pub fn abort(&mut self, id: RequestId) -> Result<RequestOutput> {

@@ -78,6 +78,26 @@ struct InFlight {
     samples: Vec<RequestId>,
     /// Copy-on-write sources held until the copy has run.
     pinned: Vec<BlockId>,
+    /// Requests admitted by this step, in admission order: what undoes the admission.
+    admitted: Vec<Admission>,
+    /// Adapters made resident by this step: their rows are written only by its page-in.
+    loaded: Vec<AdapterId>,
+}
+
+/// An admission that `cancel_step` can undo. `safe_computed` is what the request's KV holds
+/// before the step runs: the full blocks it took from the cache (written by earlier steps),
+/// not the copied slots of a partial block, which only this step's copy writes.
+#[derive(Debug, Clone, Copy)]
+struct Admission {
+    id: RequestId,
+    safe_computed: usize,
+    first: bool,
+    cached: usize,
+}
+
+struct Undo {
+    admitted: Vec<Admission>,
+    loaded: Vec<AdapterId>,
 }
 
 #[derive(Debug)]
@@ -149,6 +169,8 @@ impl Scheduler {
         let mut sched: Vec<(RequestId, usize)> = Vec::new();
         let mut copies = Vec::new();
         let mut loads = Vec::new();
+        let mut loaded = Vec::new();
+        let mut admitted = Vec::new();
         let mut preempted = false;
 
         // Running requests, oldest first; make room by preempting the youngest.
@@ -190,10 +212,18 @@ impl Scheduler {
                     break;
                 }
             }
-            let m = self.kv.match_prefix(&r.tokens, r.kv_adapter());
-            let cached = m.cached_tokens(bs);
-            let n = (r.tokens.len() - cached).min(budget);
-            let total = cached + n;
+            let mut m = self.kv.match_prefix(&r.tokens, r.kv_adapter());
+            let mut cached = m.cached_tokens(bs);
+            let mut n = (r.tokens.len() - cached).min(budget);
+            let mut total = cached + n;
+            if !self.kv.can_allocate(&r.kv, Some(&m), total) && m.copy.is_some() {
+                // The copy source occupies a block of its own until the copy has run: a
+                // request that fits the pool only without it recomputes those slots instead.
+                m.copy = None;
+                cached = m.cached_tokens(bs);
+                n = (r.tokens.len() - cached).min(budget);
+                total = cached + n;
+            }
             if !self.kv.can_allocate(&r.kv, Some(&m), total) {
                 break;
             }
@@ -205,6 +235,7 @@ impl Scheduler {
                     // Evicted adapters are unpinned, so none of them runs in this step.
                     self.stats.adapter_evictions += evicted.len() as u64;
                     loads.push((a.id, rows));
+                    loaded.push(a.id);
                 }
                 self.rows.pin(a.id)?;
             }
@@ -215,6 +246,12 @@ impl Scheduler {
             }
             self.kv.allocate(&mut r.kv, total);
             r.num_computed = cached;
+            admitted.push(Admission {
+                id,
+                safe_computed: m.hit_blocks.len() * bs,
+                first: !r.admitted_once,
+                cached,
+            });
             if !r.admitted_once {
                 r.admitted_once = true;
                 r.counters.cached_tokens = cached;
@@ -232,7 +269,8 @@ impl Scheduler {
                 "no request could be scheduled although some are unfinished (scheduler invariant broken)".into(),
             ));
         }
-        Ok(Some(self.build_plan(sched, copies, loads)))
+        let undo = Undo { admitted, loaded };
+        Ok(Some(self.build_plan(sched, copies, loads, undo)))
     }
 
     fn build_plan(
@@ -240,6 +278,7 @@ impl Scheduler {
         sched: Vec<(RequestId, usize)>,
         copies: Vec<crate::kv::BlockCopy>,
         loads: Vec<(AdapterId, Vec<u32>)>,
+        undo: Undo,
     ) -> StepPlan {
         let bs = self.cfg.block_size;
         let num_tokens: usize = sched.iter().map(|&(_, n)| n).sum();
@@ -352,6 +391,8 @@ impl Scheduler {
             scheduled,
             samples,
             pinned,
+            admitted: undo.admitted,
+            loaded: undo.loaded,
         });
         p
     }
@@ -359,20 +400,7 @@ impl Scheduler {
     /// Apply the forward pass of `step_id`: `sampled[i]` is the token sampled for the i-th
     /// entry of the plan's `sample_seqs`. Validates before changing anything.
     pub fn commit(&mut self, step_id: u64, sampled: &[i64]) -> Result<Vec<RequestOutput>> {
-        let f = match &self.in_flight {
-            None => {
-                return Err(Error::Step(format!(
-                    "commit of step {step_id}, but no step is in flight"
-                )))
-            }
-            Some(f) if f.step_id != step_id => {
-                return Err(Error::Step(format!(
-                    "commit of step {step_id}, but step {} is in flight",
-                    f.step_id
-                )))
-            }
-            Some(f) => f,
-        };
+        let f = self.in_flight_step("commit", step_id)?;
         if sampled.len() != f.samples.len() {
             return Err(Error::Step(format!(
                 "step {step_id} samples {} sequences, got {} tokens",
@@ -439,6 +467,69 @@ impl Scheduler {
         Ok(outputs)
     }
 
+    fn in_flight_step(&self, what: &str, step_id: u64) -> Result<&InFlight> {
+        match &self.in_flight {
+            None => Err(Error::Step(format!(
+                "{what} of step {step_id}, but no step is in flight"
+            ))),
+            Some(f) if f.step_id != step_id => Err(Error::Step(format!(
+                "{what} of step {step_id}, but step {} is in flight",
+                f.step_id
+            ))),
+            Some(f) => Ok(f),
+        }
+    }
+
+    /// Roll back the step in flight: nothing it planned is published. Requests it admitted
+    /// go back to the head of the queue intact (blocks and adapter pins returned, their
+    /// copy-on-write slots never registered), adapters it paged in are not resident (their
+    /// rows were never written), copy sources are unpinned, running requests keep exactly
+    /// the KV they had computed. Requests it preempted stay queued (their KV is cached).
+    pub fn cancel_step(&mut self, step_id: u64) -> Result<()> {
+        self.in_flight_step("cancel", step_id)?;
+        let f = self.in_flight.take().expect("checked above");
+        let admitted: FxHashMap<RequestId, Admission> =
+            f.admitted.iter().map(|a| (a.id, *a)).collect();
+        for &(id, _, _) in &f.scheduled {
+            if admitted.contains_key(&id) {
+                continue;
+            }
+            // Running before this step: drop the blocks allocated for its tokens.
+            if let Some(r) = self.requests.get_mut(&id) {
+                self.kv.truncate(&mut r.kv, r.num_computed);
+            }
+        }
+        for a in f.admitted.iter().rev() {
+            let Some(r) = self.requests.get_mut(&a.id) else {
+                continue; // aborted while in flight: already released safely
+            };
+            let adapter = r.kv_adapter();
+            self.kv.free(&mut r.kv, &r.tokens, a.safe_computed, adapter);
+            r.num_computed = 0;
+            r.status = Status::Waiting;
+            if a.first {
+                r.admitted_once = false;
+                r.counters.cached_tokens = 0;
+            }
+            if let Some(ad) = r.active {
+                self.rows.unpin(ad.id)?;
+            }
+            self.running.retain(|&w| w != a.id);
+            self.waiting.push_front(a.id);
+            self.stats.prefix_query_tokens -= r.tokens.len() as u64;
+            self.stats.prefix_hit_tokens -= a.cached as u64;
+        }
+        for id in f.loaded {
+            if self.rows.pin_count(id) == 0 {
+                self.rows.evict(id)?;
+            }
+        }
+        for src in f.pinned {
+            self.kv.release_block(src);
+        }
+        Ok(())
+    }
+
     /// Abort a waiting or running request; its blocks are released at once (a step in flight
     /// that still writes to them is harmless: nothing reallocates them before its commit).
     pub fn abort(&mut self, id: RequestId) -> Result<RequestOutput> {
@@ -462,7 +553,13 @@ impl Scheduler {
             Status::Running => {
                 self.running.retain(|&w| w != id);
                 let adapter = r.kv_adapter();
-                self.kv.free(&mut r.kv, &r.tokens, r.num_computed, adapter);
+                // Admitted by the step in flight: its copied slots are not written yet.
+                let computed = self
+                    .in_flight
+                    .as_ref()
+                    .and_then(|f| f.admitted.iter().find(|a| a.id == id))
+                    .map_or(r.num_computed, |a| a.safe_computed);
+                self.kv.free(&mut r.kv, &r.tokens, computed, adapter);
                 if let Some(a) = r.active {
                     self.rows.unpin(a.id)?;
                     self.rows.touch(a.id);

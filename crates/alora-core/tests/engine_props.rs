@@ -95,6 +95,8 @@ type Activation = Option<(u64, usize)>;
 
 struct Sim {
     slots: Vec<u64>,
+    /// Adapter id whose weights each pool row holds (the page-ins the plans asked for).
+    rows: HashMap<u32, u64>,
     /// Per request: full token list as the engine should see it, activation key.
     seqs: HashMap<u64, (Vec<u32>, Activation)>,
     outputs: HashMap<u64, Vec<u32>>,
@@ -104,6 +106,7 @@ impl Sim {
     fn new(num_blocks: usize) -> Self {
         Self {
             slots: vec![u64::MAX; num_blocks * BS],
+            rows: HashMap::new(),
             seqs: HashMap::new(),
             outputs: HashMap::new(),
         }
@@ -120,6 +123,26 @@ impl Sim {
         let cfg = e.config();
         prop_assert!(p.num_tokens() <= cfg.max_batch_tokens);
         prop_assert!(p.num_seqs() <= cfg.max_num_seqs);
+        for (a, rows) in &p.adapter_loads {
+            for &r in rows {
+                self.rows.insert(r, *a);
+            }
+        }
+        for a in 0..p.segment_adapter.len() {
+            let (r0, r1) = (
+                p.adapter_row_start[a] as usize,
+                p.adapter_row_start[a + 1] as usize,
+            );
+            for &r in &p.adapter_rows[r0..r1] {
+                prop_assert_eq!(
+                    self.rows.get(&(r as u32)).copied(),
+                    Some(p.segment_adapter[a]),
+                    "pool row {} does not hold adapter {}",
+                    r,
+                    p.segment_adapter[a]
+                );
+            }
+        }
         let src: Vec<Vec<u64>> = p
             .copy_src
             .iter()
@@ -234,6 +257,56 @@ fn step(e: &mut Engine, sim: &mut Sim) -> Result<bool, TestCaseError> {
     Ok(true)
 }
 
+/// A step that fails after `stage` of its work (0: before anything ran, 1: after the prefix
+/// copies, 2: after the copies and a partial, corrupt write of its tokens' KV), optionally
+/// with one of its requests aborted while it was in flight; then rolled back.
+fn failed_step(
+    e: &mut Engine,
+    sim: &mut Sim,
+    stage: u8,
+    abort: Option<usize>,
+) -> Result<(), TestCaseError> {
+    let Some(p) = e.schedule().unwrap() else {
+        return Ok(());
+    };
+    if stage >= 1 {
+        // A page-in interrupted half way: some rows written, the rest stale.
+        for (a, rows) in &p.adapter_loads {
+            for &r in &rows[..rows.len() / 2] {
+                sim.rows.insert(r, *a);
+            }
+        }
+        for ((&s, &d), &n) in p.copy_src.iter().zip(&p.copy_dst).zip(&p.copy_len) {
+            let (s, d, n) = (s as usize * BS, d as usize * BS, n as usize);
+            let data = sim.slots[s..s + n].to_vec();
+            sim.slots[d..d + n].copy_from_slice(&data);
+        }
+    }
+    if stage >= 2 {
+        for (t, &slot) in p.slot_mapping.iter().enumerate() {
+            if t % 2 == 0 {
+                sim.slots[slot as usize] = 0xdead_beef;
+            }
+        }
+    }
+    if let Some(i) = abort {
+        let id = p.request_ids[i % p.num_seqs()];
+        e.abort(id).unwrap();
+        sim.seqs.remove(&id);
+    }
+    e.cancel_step(p.step_id).unwrap();
+    if let Err(msg) = e.scheduler().check_invariants() {
+        return Err(TestCaseError::fail(msg));
+    }
+    // The plan's slots may hold anything now; nothing computed before the step may change.
+    for (t, &slot) in p.slot_mapping.iter().enumerate() {
+        if t % 2 == 0 && stage >= 2 {
+            prop_assert_eq!(sim.slots[slot as usize], 0xdead_beef);
+        }
+    }
+    Ok(())
+}
+
 fn req_strategy() -> impl Strategy<Value = Req> {
     // A few shared stems make prefix hits (and partial-block copies) common.
     let stems = prop_oneof![
@@ -267,10 +340,16 @@ enum Op {
     Add(Req),
     Step,
     Abort(usize),
+    FailStep(u8, Option<usize>),
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
-    prop_oneof![3 => req_strategy().prop_map(Op::Add), 5 => Just(Op::Step), 1 => (0usize..64).prop_map(Op::Abort)]
+    prop_oneof![
+        3 => req_strategy().prop_map(Op::Add),
+        5 => Just(Op::Step),
+        1 => (0usize..64).prop_map(Op::Abort),
+        2 => (0u8..3, prop::option::weighted(0.3, 0usize..8)).prop_map(|(s, a)| Op::FailStep(s, a)),
+    ]
 }
 
 proptest! {
@@ -300,6 +379,7 @@ proptest! {
                         prop_assert!(e.scheduler().check_invariants().is_ok());
                     }
                 }
+                Op::FailStep(stage, abort) => failed_step(&mut e, &mut sim, stage, abort)?,
             }
         }
         let mut guard = 0;
@@ -324,6 +404,7 @@ proptest! {
         max_batch_tokens in 1usize..10,
         max_num_seqs in 1usize..5,
         cache in any::<bool>(),
+        fail_every in 1u32..4,
     ) {
         let run = |num_blocks, max_batch_tokens, max_num_seqs, adapter_rows, cache| -> Result<Vec<Vec<u32>>, TestCaseError> {
             let mut e = engine(num_blocks, max_batch_tokens, max_num_seqs, adapter_rows, cache);
@@ -334,7 +415,24 @@ proptest! {
         };
         let reference = run(256, 1024, 64, 64, false)?;
         let tight = run(num_blocks, max_batch_tokens, max_num_seqs, 4, cache)?;
-        prop_assert_eq!(reference, tight);
+        prop_assert_eq!(&reference, &tight);
+
+        // Steps that fail at any stage and are rolled back change nothing either.
+        let mut e = engine(num_blocks, max_batch_tokens, max_num_seqs, 4, cache);
+        let mut sim = Sim::new(num_blocks);
+        let ids: Vec<u64> = reqs.iter().map(|r| add(&mut e, &mut sim, r)).collect();
+        let mut n = 0u32;
+        loop {
+            n += 1;
+            if n.is_multiple_of(fail_every) {
+                failed_step(&mut e, &mut sim, (n % 3) as u8, None)?;
+            }
+            if !step(&mut e, &mut sim)? {
+                break;
+            }
+        }
+        let faulty: Vec<Vec<u32>> = ids.iter().map(|id| sim.outputs[id].clone()).collect();
+        prop_assert_eq!(reference, faulty);
     }
 }
 
@@ -489,4 +587,92 @@ fn bad_requests_leave_engine_unchanged() {
         Err(alora_core::Error::UnknownRequest(_))
     ));
     assert_eq!(e.scheduler().kv.pool.num_free(), 4);
+}
+
+/// A prompt that needs every block of the pool and extends a cached partial block fits by
+/// recomputing the partial block's slots (the copy source would need one block more).
+#[test]
+fn full_pool_prompt_drops_the_copy_instead_of_failing() {
+    let num_blocks = 4;
+    let mut e = engine(num_blocks, 64, 4, 8, true);
+    let mut sim = Sim::new(num_blocks);
+    let first: Vec<u32> = vec![0, 3, 0, 3, 0, 3]; // 1 full block + 2 slots, kept as partial
+    add(
+        &mut e,
+        &mut sim,
+        &Req {
+            prompt: first.clone(),
+            adapter: None,
+            max_new: 1,
+        },
+    );
+    while step(&mut e, &mut sim).unwrap() {}
+    // 16 slots: the whole pool; shares the first block and part of the second.
+    let mut long = first.clone();
+    long.extend([0, 0, 3, 3, 0, 0, 3, 3, 0, 0]);
+    let id = add(
+        &mut e,
+        &mut sim,
+        &Req {
+            prompt: long,
+            adapter: None,
+            max_new: 1,
+        },
+    );
+    while step(&mut e, &mut sim).unwrap() {}
+    assert!(sim.outputs.contains_key(&id));
+    assert!(!e.has_unfinished());
+}
+
+#[test]
+fn token_ids_checked_against_the_vocabulary() {
+    let e = engine(8, 16, 4, 8, true);
+    let mut e = e.with_vocab_size(5).unwrap();
+    let bad = |_: Vec<u32>, stop: Vec<u32>| RequestParams {
+        adapter: None,
+        max_new_tokens: 2,
+        stop_token_ids: stop,
+    };
+    let err = e.add_request(vec![0, 5], bad(vec![], vec![])).unwrap_err();
+    assert!(err.to_string().contains("prompt[1]"), "{err}");
+    let err = e.add_request(vec![0, 1], bad(vec![], vec![9])).unwrap_err();
+    assert!(err.to_string().contains("stop_token_ids[0]"), "{err}");
+    assert!(!e.has_unfinished());
+    // An invocation the model can never produce is refused at load, naming the field.
+    let cfg = r#"{"r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]}"#;
+    let t = |s: &str, shape: Vec<usize>| TensorInput {
+        name: format!("base_model.model.model.layers.0.self_attn.q_proj.{s}.weight"),
+        data: vec![0.5; shape.iter().product()],
+        shape,
+    };
+    let err = e
+        .load_adapter_tensors(
+            "oov",
+            AdapterConfig::from_json_str(cfg, "test").unwrap(),
+            vec![t("lora_A", vec![2, 4]), t("lora_B", vec![4, 2])],
+            Some(vec![1, 7]),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, alora_core::Error::Config { field, .. } if field == "alora_invocation_tokens"),
+        "{err}"
+    );
+    assert!(e.registry().get("oov").is_err());
+}
+
+#[test]
+fn huge_max_new_tokens_does_not_wrap_the_capacity_check() {
+    let mut e = engine(8, 16, 4, 8, true);
+    let id = e
+        .add_request(
+            vec![0, 1, 2],
+            RequestParams {
+                adapter: None,
+                max_new_tokens: usize::MAX,
+                stop_token_ids: vec![],
+            },
+        )
+        .unwrap_err();
+    // 64 tokens of max_model_len need 16 blocks of 4; the pool has 8.
+    assert!(matches!(id, alora_core::Error::Capacity(_)), "{id}");
 }

@@ -10,10 +10,10 @@ use alora_core::scheduler::SchedulerConfig;
 use alora_core::Error;
 use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBool, PyDict, PyInt};
 
 use crate::adapter::PyAdapterInfo;
-use crate::errors::IntoPyResult;
+use crate::errors::{to_py, IntoPyResult};
 use crate::output::PyRequestOutput;
 use crate::plan::PyStepPlan;
 
@@ -23,14 +23,73 @@ pub struct PyEngine {
     modules: Arc<Vec<String>>,
 }
 
-fn token_ids(what: &str, ids: Vec<i64>) -> alora_core::Result<Vec<u32>> {
-    ids.into_iter()
-        .map(|t| {
-            u32::try_from(t).map_err(|_| {
-                Error::InvalidRequest(format!("{what} contains token id {t}, not a valid id"))
-            })
-        })
-        .collect()
+fn invalid(detail: String) -> PyErr {
+    to_py(Error::InvalidRequest(detail))
+}
+
+/// Token ids from any Python sequence of integers; anything else is an
+/// `InvalidRequestError` naming the argument and the first bad element.
+fn token_ids(what: &str, ids: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    if let Ok(v) = ids.extract::<Vec<u32>>() {
+        if !ids.is_instance_of::<pyo3::types::PyString>() {
+            return Ok(v);
+        }
+    }
+    let items = ids
+        .try_iter()
+        .map_err(|_| invalid(format!("{what} must be a sequence of token ids")))?;
+    let mut out = Vec::new();
+    for (i, item) in items.enumerate() {
+        let item = item?;
+        if item.is_instance_of::<PyBool>() || !item.is_instance_of::<PyInt>() {
+            return Err(invalid(format!(
+                "{what}[{i}] must be an integer token id, got {} {}",
+                item.get_type().name()?,
+                item.repr()?
+            )));
+        }
+        let t = item.extract::<u32>().map_err(|_| {
+            invalid(format!(
+                "{what}[{i}] is {}, not a valid token id",
+                item.repr().map(|r| r.to_string()).unwrap_or_default()
+            ))
+        })?;
+        out.push(t);
+    }
+    Ok(out)
+}
+
+/// A count argument: an integer >= 1 (bools refused); values beyond the platform's range
+/// saturate, as they mean "no limit" and the engine clamps them to `max_model_len`.
+fn count(what: &str, v: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let bad = || {
+        invalid(format!(
+            "{what} must be an integer >= 1, got {}",
+            v.repr().map(|r| r.to_string()).unwrap_or_default()
+        ))
+    };
+    if v.is_instance_of::<PyBool>() || !v.is_instance_of::<PyInt>() {
+        return Err(bad());
+    }
+    if v.lt(1)? {
+        return Err(bad());
+    }
+    Ok(v.extract::<usize>().unwrap_or(usize::MAX))
+}
+
+fn request_id_arg(v: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if v.is_instance_of::<PyBool>() || !v.is_instance_of::<PyInt>() {
+        return Err(invalid(format!(
+            "request_id must be an integer, got {}",
+            v.repr()?
+        )));
+    }
+    v.extract::<u64>().map_err(|_| {
+        to_py(Error::InvalidRequest(format!(
+            "request_id {} is not a request id (ids are integers >= 0)",
+            v.repr().map(|r| r.to_string()).unwrap_or_default()
+        )))
+    })
 }
 
 impl PyEngine {
@@ -47,7 +106,8 @@ impl PyEngine {
 impl PyEngine {
     #[new]
     #[pyo3(signature = (*, num_layers, modules, block_size, num_blocks, max_batch_tokens, max_num_seqs,
-                        adapter_rows, max_model_len, page_rows = 8, enable_prefix_cache = true))]
+                        adapter_rows, max_model_len, page_rows = 8, enable_prefix_cache = true,
+                        vocab_size = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         num_layers: usize,
@@ -60,6 +120,7 @@ impl PyEngine {
         max_model_len: usize,
         page_rows: usize,
         enable_prefix_cache: bool,
+        vocab_size: Option<usize>,
     ) -> PyResult<Self> {
         let names = Arc::new(modules.iter().map(|m| m.0.clone()).collect());
         let spec = ModelSpec::new(
@@ -85,8 +146,12 @@ impl PyEngine {
             page_rows,
             enable_prefix_cache,
         };
+        let mut inner = Engine::new(spec, cfg).py()?;
+        if let Some(v) = vocab_size {
+            inner = inner.with_vocab_size(v).py()?;
+        }
         Ok(Self {
-            inner: Engine::new(spec, cfg).py()?,
+            inner,
             modules: names,
         })
     }
@@ -107,15 +172,19 @@ impl PyEngine {
     #[pyo3(signature = (name, path, invocation_tokens = None))]
     fn load_adapter(
         &mut self,
+        py: Python<'_>,
         name: &str,
         path: PathBuf,
-        invocation_tokens: Option<Vec<i64>>,
+        invocation_tokens: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyAdapterInfo> {
         let inv = invocation_tokens
             .map(|t| token_ids("invocation_tokens", t))
-            .transpose()
+            .transpose()?;
+        // File I/O and conversion without the GIL: other Python threads keep running.
+        let inner = &mut self.inner;
+        let a = py
+            .detach(|| inner.load_adapter_dir(name, &path, inv))
             .py()?;
-        let a = self.inner.load_adapter_dir(name, &path, inv).py()?;
         Ok(self.info(a))
     }
 
@@ -125,12 +194,11 @@ impl PyEngine {
         name: &str,
         config_json: &str,
         tensors: HashMap<String, PyReadonlyArrayDyn<'_, f32>>,
-        invocation_tokens: Option<Vec<i64>>,
+        invocation_tokens: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyAdapterInfo> {
         let inv = invocation_tokens
             .map(|t| token_ids("invocation_tokens", t))
-            .transpose()
-            .py()?;
+            .transpose()?;
         let config = AdapterConfig::from_json_str(config_json, "<config>").py()?;
         let mut inputs: Vec<TensorInput> = tensors
             .into_iter()
@@ -165,16 +233,20 @@ impl PyEngine {
             .collect()
     }
 
-    #[pyo3(signature = (prompt, *, adapter = None, max_new_tokens = 16, stop_token_ids = Vec::new()))]
+    #[pyo3(signature = (prompt, *, adapter = None, max_new_tokens = None, stop_token_ids = None))]
     fn add_request(
         &mut self,
-        prompt: Vec<i64>,
+        prompt: &Bound<'_, PyAny>,
         adapter: Option<String>,
-        max_new_tokens: usize,
-        stop_token_ids: Vec<i64>,
+        max_new_tokens: Option<&Bound<'_, PyAny>>,
+        stop_token_ids: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
-        let prompt = token_ids("prompt", prompt).py()?;
-        let stop_token_ids = token_ids("stop_token_ids", stop_token_ids).py()?;
+        let prompt = token_ids("prompt", prompt)?;
+        let max_new_tokens = max_new_tokens.map_or(Ok(16), |v| count("max_new_tokens", v))?;
+        let stop_token_ids = stop_token_ids
+            .map(|v| token_ids("stop_token_ids", v))
+            .transpose()?
+            .unwrap_or_default();
         self.inner
             .add_request(
                 prompt,
@@ -204,15 +276,18 @@ impl PyEngine {
             .collect())
     }
 
-    fn abort(&mut self, request_id: u64) -> PyResult<PyRequestOutput> {
-        self.inner.abort(request_id).py().map(PyRequestOutput)
+    fn cancel_step(&mut self, step_id: u64) -> PyResult<()> {
+        self.inner.cancel_step(step_id).py()
     }
 
-    fn request_output(&self, request_id: u64) -> PyResult<PyRequestOutput> {
-        self.inner
-            .request_output(request_id)
-            .py()
-            .map(PyRequestOutput)
+    fn abort(&mut self, request_id: &Bound<'_, PyAny>) -> PyResult<PyRequestOutput> {
+        let id = request_id_arg(request_id)?;
+        self.inner.abort(id).py().map(PyRequestOutput)
+    }
+
+    fn request_output(&self, request_id: &Bound<'_, PyAny>) -> PyResult<PyRequestOutput> {
+        let id = request_id_arg(request_id)?;
+        self.inner.request_output(id).py().map(PyRequestOutput)
     }
 
     fn has_unfinished(&self) -> bool {

@@ -26,12 +26,42 @@ fn activation_start(tokens: Vec<u32>, invocation: Vec<u32>) -> Option<usize> {
     alora_core::invocation::activation_start(&tokens, &invocation)
 }
 
+/// The `invocation_string` of an aLoRA config without `alora_invocation_tokens` (to be
+/// tokenized by the caller), from a directory's `adapter_config.json` or a JSON text. The
+/// config is parsed and validated completely, so errors name the file and field.
+#[pyfunction]
+#[pyo3(signature = (*, path = None, config_json = None))]
+fn untokenized_invocation(
+    path: Option<std::path::PathBuf>,
+    config_json: Option<&str>,
+) -> PyResult<Option<String>> {
+    use alora_core::adapters::AdapterConfig;
+    use errors::IntoPyResult;
+    let config = match (path, config_json) {
+        (Some(dir), None) => {
+            let file = dir.join("adapter_config.json");
+            if !file.is_file() {
+                return Ok(None); // the loader reports the missing file with its context
+            }
+            AdapterConfig::from_file(&file).py()?
+        }
+        (None, Some(text)) => AdapterConfig::from_json_str(text, "<config>").py()?,
+        _ => {
+            return Err(pyo3::exceptions::PyTypeError::new_err(
+                "give exactly one of path and config_json",
+            ))
+        }
+    };
+    Ok(config.untokenized_invocation().map(str::to_owned))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     m.add_function(wrap_pyfunction!(kernel_sources, m)?)?;
     m.add_function(wrap_pyfunction!(activation_start, m)?)?;
+    m.add_function(wrap_pyfunction!(untokenized_invocation, m)?)?;
     m.add_class::<engine::PyEngine>()?;
     m.add_class::<adapter::PyAdapterInfo>()?;
     m.add_class::<plan::PyStepPlan>()?;

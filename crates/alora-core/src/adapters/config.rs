@@ -106,6 +106,63 @@ const UNSUPPORTED_FEATURES: &[(&str, &str)] = &[
     ("kasa_config", "KaSA is not supported"),
 ];
 
+/// A config file's text: unreadable, non-UTF-8 files are errors that name the file.
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    String::from_utf8(bytes).map_err(|e| Error::AdapterFormat {
+        path: path.display().to_string(),
+        detail: format!(
+            "adapter config is not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ),
+    })
+}
+
+/// A JSON syntax error, naming the field whose value failed when there is one: JSON has no
+/// NaN or Infinity, which Python's `json.dumps` writes for non-finite floats.
+fn json_error(text: &str, e: &serde_json::Error, origin: &str) -> Error {
+    let offset: usize = text
+        .split_inclusive('\n')
+        .take(e.line().saturating_sub(1))
+        .map(str::len)
+        .sum::<usize>()
+        + e.column().saturating_sub(1);
+    let mut cut = offset.min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let head = &text[..cut];
+    let rest = &text[head.len()..];
+    let field = head
+        .rfind(':')
+        .filter(|&c| head[c + 1..].trim().is_empty() || !head[c + 1..].contains([',', '{', '[']))
+        .and_then(|c| {
+            let key = head[..c].trim_end().strip_suffix('"')?;
+            key.rfind('"').map(|q| key[q + 1..].to_string())
+        });
+    let non_finite = ["NaN", "Infinity", "-Infinity"]
+        .iter()
+        .any(|lit| rest.trim_start().starts_with(lit) || head.trim_end().ends_with(lit));
+    let detail = match (field, non_finite) {
+        (Some(f), true) => {
+            return config_err(
+                &f,
+                origin,
+                "is NaN or Infinity, which JSON does not allow; give a finite number",
+            )
+        }
+        (Some(f), false) => format!("adapter config is not valid JSON (at field `{f}`): {e}"),
+        (None, _) => format!("adapter config is not valid JSON: {e}"),
+    };
+    Error::AdapterFormat {
+        path: origin.to_string(),
+        detail,
+    }
+}
+
 fn config_err(field: &str, origin: &str, detail: impl Display) -> Error {
     Error::Config {
         field: field.to_string(),
@@ -238,8 +295,10 @@ impl AdapterConfig {
             path: origin.to_string(),
             detail,
         };
-        let root: Value = serde_json::from_str(text)
-            .map_err(|e| format_err(format!("adapter config is not valid JSON: {e}")))?;
+        if text.trim().is_empty() {
+            return Err(format_err("adapter config is empty".to_string()));
+        }
+        let root: Value = serde_json::from_str(text).map_err(|e| json_error(text, &e, origin))?;
         let obj = root
             .as_object()
             .ok_or_else(|| format_err("adapter config must be a JSON object".to_string()))?;
@@ -390,11 +449,16 @@ impl AdapterConfig {
 
     /// Reads and parses an `adapter_config.json` file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_json_str(&text, &path.display().to_string())
+        Self::from_json_str(&read_text(path)?, &path.display().to_string())
+    }
+
+    /// The `invocation_string` of an aLoRA config that gives no `alora_invocation_tokens`
+    /// (older PEFT configs): the caller tokenizes it with the base model's tokenizer.
+    pub fn untokenized_invocation(&self) -> Option<&str> {
+        match self.alora_invocation_tokens {
+            None => self.invocation_string.as_deref(),
+            Some(_) => None,
+        }
     }
 
     /// Checks what `from_json_str` checks, for configs built in memory too.
@@ -454,6 +518,7 @@ pub(crate) struct Resolved {
     pub r: usize,
     pub alpha: f64,
     pub rank_key: Option<String>,
+    pub alpha_key: Option<String>,
 }
 
 enum Target {
@@ -511,7 +576,7 @@ pub(crate) struct Matcher {
     modules_to_save: Vec<Regex>,
     layers: Option<(Vec<usize>, Vec<Regex>)>,
     rank: Vec<(String, Regex, usize)>,
-    alpha: Vec<(Regex, f64)>,
+    alpha: Vec<(String, Regex, f64)>,
     default_r: usize,
     default_alpha: f64,
 }
@@ -581,7 +646,7 @@ impl Matcher {
             .collect::<Result<_>>()?;
         let alpha = ordered(&config.alpha_pattern, &config.alpha_pattern_order)
             .into_iter()
-            .map(|(k, &a)| Ok((pattern(k, "alpha_pattern")?, a)))
+            .map(|(k, &a)| Ok((k.clone(), pattern(k, "alpha_pattern")?, a)))
             .collect::<Result<_>>()?;
         Ok(Matcher {
             target,
@@ -618,14 +683,12 @@ impl Matcher {
     /// Rank and alpha of the module with this key (`LoraModel._create_and_replace`).
     pub(crate) fn resolve(&self, key: &str) -> Resolved {
         let rank = self.rank.iter().find(|(_, re, _)| re.is_match(key));
+        let alpha = self.alpha.iter().find(|(_, re, _)| re.is_match(key));
         Resolved {
             r: rank.map_or(self.default_r, |(_, _, r)| *r),
-            alpha: self
-                .alpha
-                .iter()
-                .find(|(re, _)| re.is_match(key))
-                .map_or(self.default_alpha, |(_, a)| *a),
+            alpha: alpha.map_or(self.default_alpha, |(_, _, a)| *a),
             rank_key: rank.map(|(k, _, _)| k.clone()),
+            alpha_key: alpha.map(|(k, _, _)| k.clone()),
         }
     }
 }

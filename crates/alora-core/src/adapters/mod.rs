@@ -13,11 +13,9 @@ mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
-use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
@@ -306,18 +304,14 @@ impl AdapterRegistry {
             return Err(format_err(dir, detail.into()));
         }
         let weights_origin = weights_path.display().to_string();
-        let file = File::open(&weights_path).map_err(|source| Error::Io {
+        // Read into owned memory rather than mapping: a map turns a file that shrinks under
+        // the reader into SIGBUS, a read into a short buffer that the parser rejects. Every
+        // value is converted into owned f32 anyway, so the map would save one transient copy.
+        let bytes = std::fs::read(&weights_path).map_err(|source| Error::Io {
             path: weights_path.clone(),
             source,
         })?;
-        // SAFETY: the map is read-only and dropped at the end of this function, after every
-        // value has been copied out. Like any memory map it assumes nobody truncates the
-        // file meanwhile; a PEFT adapter directory is not written while it is being served.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
-            path: weights_path.clone(),
-            source,
-        })?;
-        let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| {
             format_err(
                 &weights_path,
                 format!("not a valid safetensors file (truncated or corrupt): {e}"),
@@ -591,26 +585,50 @@ fn build(
     }
 
     let mut max_rank = 0;
-    let weights = validated
-        .into_iter()
-        .map(|pair| {
-            pair.map(|(res, a, b)| {
-                max_rank = max_rank.max(res.r);
-                let r = res.r as f64;
-                let scale = if config.use_rslora {
-                    res.alpha / r.sqrt()
-                } else {
-                    res.alpha / r
-                };
-                LoraWeights {
-                    rank: res.r,
-                    scale: scale as f32,
-                    a: a.into_f32(),
-                    b: b.into_f32(),
-                }
-            })
-        })
-        .collect();
+    let mut weights = Vec::with_capacity(validated.len());
+    for pair in validated {
+        let Some((res, a, b)) = pair else {
+            weights.push(None);
+            continue;
+        };
+        max_rank = max_rank.max(res.r);
+        let r = res.r as f64;
+        let scale = if config.use_rslora {
+            res.alpha / r.sqrt()
+        } else {
+            res.alpha / r
+        };
+        // float32 is what the scale is applied in (and what PEFT casts it to).
+        if !(scale as f32).is_finite() || !(res.alpha as f32).is_finite() {
+            let field = match &res.alpha_key {
+                Some(k) => format!("alpha_pattern.{k}"),
+                None => "lora_alpha".into(),
+            };
+            return Err(Error::Config {
+                field,
+                detail: format!(
+                    "alpha {:e} (rank {}, scale {scale:e}) is not a finite float32",
+                    res.alpha, res.r
+                ),
+            });
+        }
+        let (a_name, b_name) = (a.name.clone(), b.name.clone());
+        let (a, b) = (a.into_f32(), b.into_f32());
+        for (name, values) in [(&a_name, &a), (&b_name, &b)] {
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(format_err(format!(
+                    "tensor `{name}` holds a non-finite value ({}) at flat index {i}",
+                    values[i]
+                )));
+            }
+        }
+        weights.push(Some(LoraWeights {
+            rank: res.r,
+            scale: scale as f32,
+            a,
+            b,
+        }));
+    }
     Ok(Built { weights, max_rank })
 }
 

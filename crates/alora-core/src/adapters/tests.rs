@@ -1121,3 +1121,93 @@ fn pattern_orders_keep_json_order() {
     assert_eq!(c.rank_pattern_order, ["z", "a"]);
     assert_eq!(c.alpha_pattern[&"y".to_string()], 3.0);
 }
+
+// ---------------------------------------------------------------- hostile configs and values
+
+#[test]
+fn config_files_that_are_not_objects_name_the_file() {
+    let dir = TempDir::new();
+    let cfg_path = dir.path().join("adapter_config.json");
+    for (bytes, needle) in [
+        (&b""[..], "empty"),
+        (&b"   \n"[..], "empty"),
+        (&b"[]"[..], "JSON object"),
+        (&b"\"x\""[..], "JSON object"),
+        (&b"null"[..], "JSON object"),
+        (&b"{\"r\": 4, \xff}"[..], "UTF-8"),
+    ] {
+        std::fs::write(&cfg_path, bytes).unwrap();
+        match AdapterConfig::from_file(&cfg_path).unwrap_err() {
+            Error::AdapterFormat { path, detail } => {
+                assert!(path.ends_with("adapter_config.json"), "{path}");
+                assert!(detail.contains(needle), "{detail}");
+            }
+            e => panic!("expected AdapterFormat, got {e:?}"),
+        }
+    }
+}
+
+#[test]
+fn non_finite_literals_name_the_field() {
+    for text in [
+        r#"{"r": 4, "lora_alpha": NaN, "target_modules": ["q_proj"]}"#,
+        r#"{"r": 4, "lora_alpha": Infinity, "target_modules": ["q_proj"]}"#,
+        r#"{"r": 4, "lora_alpha": -Infinity, "target_modules": ["q_proj"]}"#,
+    ] {
+        let (field, detail) = config_field(AdapterConfig::from_json_str(text, "cfg.json"));
+        assert_eq!(field, "lora_alpha", "{detail}");
+        assert!(detail.contains("NaN or Infinity"), "{detail}");
+    }
+}
+
+#[test]
+fn non_finite_scales_and_weights_are_refused() {
+    let tensors = lora_tensors(&spec(), &[0], |_, _| 4);
+    let (field, _) = config_field(load_mem(
+        json!({"r": 4, "lora_alpha": 1e39, "target_modules": ["q_proj"]}),
+        tensors.clone(),
+    ));
+    assert_eq!(field, "lora_alpha");
+    let (field, _) = config_field(load_mem(
+        json!({"r": 4, "lora_alpha": 4, "target_modules": ["q_proj"],
+               "alpha_pattern": {"q_proj": 1e300}}),
+        tensors.clone(),
+    ));
+    assert_eq!(field, "alpha_pattern.q_proj");
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut t = tensors.clone();
+        t[1].data[3] = bad;
+        let name = t[1].name.clone();
+        let detail = format_detail(load_mem(
+            json!({"r": 4, "lora_alpha": 4, "target_modules": ["q_proj"]}),
+            t,
+        ));
+        assert!(
+            detail.contains(&name) && detail.contains("non-finite"),
+            "{detail}"
+        );
+    }
+}
+
+#[test]
+fn truncated_weights_file_is_a_format_error() {
+    let dir = TempDir::new();
+    let tensors = lora_tensors(&spec(), &[0], |_, _| 4);
+    write_dir(
+        dir.path(),
+        QV.replace("\"v_proj\"", "\"q_proj\"").as_str(),
+        &tensors,
+        Dtype::F32,
+    );
+    let file = dir.path().join("adapter_model.safetensors");
+    let len = std::fs::metadata(&file).unwrap().len();
+    for keep in [0, 7, len / 2, len - 1] {
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.set_len(keep).unwrap();
+        let r = AdapterRegistry::new(spec()).load_dir("a", dir.path(), None);
+        assert!(
+            matches!(r, Err(Error::AdapterFormat { .. })),
+            "keep {keep}: {r:?}"
+        );
+    }
+}

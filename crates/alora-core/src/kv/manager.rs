@@ -205,6 +205,16 @@ impl KvManager {
         seq.hashes.clear();
     }
 
+    /// Release the blocks past the first `computed` tokens (allocated for a step that was
+    /// cancelled; they hold no hash, so they simply return to the free list).
+    pub fn truncate(&mut self, seq: &mut SeqKv, computed: usize) {
+        let keep = self.blocks_for(computed);
+        while seq.blocks.len() > keep {
+            let id = seq.blocks.pop().expect("len > keep");
+            self.pool.release(id);
+        }
+    }
+
     pub fn release_block(&mut self, id: BlockId) {
         self.pool.release(id);
     }
