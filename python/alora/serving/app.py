@@ -203,6 +203,7 @@ class _Job:
     processors: list[list[Any]] | None  # per sequence, or None
     stop_ids: set[int]
     choices: list[_Choice]
+    as_ids: bool = False  # logprob tokens as "token_id:<id>"
     t0: float = field(default_factory=time.perf_counter)
     results: dict[int, Any] = field(default_factory=dict)
     first_token: bool = False
@@ -253,6 +254,9 @@ class _State:
     @functools.lru_cache(maxsize=1 << 18)  # noqa: B019 - one State per app, vocab-bounded
     def token_str(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id], skip_special_tokens=False))
+
+    def token_name(self, token_id: int, as_ids: bool) -> str:
+        return f"token_id:{token_id}" if as_ids else self.token_str(token_id)
 
     def admit(self, seqs: int) -> None:
         """Bounded admission: more sequences than `max_pending` in flight get a 503."""
@@ -490,7 +494,10 @@ def create_app(rt: Any, config: ServerConfig | None = None, *, own_runtime: bool
             )
         if req.lora_name == config.model_name or req.lora_name in config.aliases:
             raise ApiError(400, "lora_name is the base model's name", "lora_name")
-        path = confine(config.adapter_root, req.lora_path)
+        try:
+            path = confine(config.adapter_root, req.lora_path)
+        except PathNotAllowedError as e:
+            raise _map_exception(e) from e
         async with state.adapter_lock:
             if req.lora_name in state.adapters():
                 raise ApiError(400, f"adapter `{req.lora_name}` is already loaded", "lora_name")
@@ -698,20 +705,21 @@ async def _build_job(
         processors=processors,
         stop_ids=stop_ids,
         choices=choices,
+        as_ids=req.return_tokens_as_token_ids,
     )
 
 
 _Logprobs = Sequence[tuple[int, float, list[tuple[int, float]]]]
 
 
-def _chat_logprobs(state: _State, lps: _Logprobs) -> P.ChatLogprobs:
+def _chat_logprobs(state: _State, lps: _Logprobs, as_ids: bool) -> P.ChatLogprobs:
     def top(t: int, v: float) -> P.TopLogprob:
-        s = state.token_str(t)
+        s = state.token_name(t, as_ids)
         return P.TopLogprob(token=s, logprob=v, bytes=list(s.encode()))
 
     content = []
     for tid, lp, tops in lps:
-        s = state.token_str(tid)
+        s = state.token_name(tid, as_ids)
         content.append(
             P.TokenLogprob(
                 token=s,
@@ -723,13 +731,15 @@ def _chat_logprobs(state: _State, lps: _Logprobs) -> P.ChatLogprobs:
     return P.ChatLogprobs(content=content)
 
 
-def _completion_logprobs(state: _State, lps: _Logprobs, offset: int) -> P.CompletionLogprobs:
+def _completion_logprobs(
+    state: _State, lps: _Logprobs, offset: int, as_ids: bool
+) -> P.CompletionLogprobs:
     out = P.CompletionLogprobs()
     for tid, lp, top in lps:
-        s = state.token_str(tid)
+        s = state.token_name(tid, as_ids)
         out.tokens.append(s)
         out.token_logprobs.append(lp)
-        tops = {state.token_str(t): v for t, v in top}
+        tops = {state.token_name(t, as_ids): v for t, v in top}
         tops.setdefault(s, lp)  # like OpenAI: the sampled token is always listed
         out.top_logprobs.append(tops)
         out.text_offset.append(offset)
@@ -860,7 +870,7 @@ def _final_body(
                 P.ChatChoice(
                     index=c.index,
                     message=P.ChatMessage(content=c.text),
-                    logprobs=_chat_logprobs(state, c.logprobs)
+                    logprobs=_chat_logprobs(state, c.logprobs, job.as_ids)
                     if "logprobs" in job.kwargs
                     else None,
                     finish_reason=c.finish_reason,
@@ -877,7 +887,7 @@ def _final_body(
             P.CompletionChoice(
                 index=c.index,
                 text=c.text,
-                logprobs=_completion_logprobs(state, c.logprobs, 0)
+                logprobs=_completion_logprobs(state, c.logprobs, 0, job.as_ids)
                 if "logprobs" in job.kwargs
                 else None,
                 finish_reason=c.finish_reason,
@@ -914,7 +924,9 @@ async def _sse(
                     P.ChatChunkChoice(
                         index=c.index,
                         delta=P.DeltaMessage(content=ev.text) if ev.text else P.DeltaMessage(),
-                        logprobs=_chat_logprobs(state, ev.logprobs) if want_lp else None,
+                        logprobs=_chat_logprobs(state, ev.logprobs, job.as_ids)
+                        if want_lp
+                        else None,
                         finish_reason=c.finish_reason if ev.finished else None,
                         stop_reason=c.stop_reason if ev.finished else None,
                     )
@@ -923,7 +935,7 @@ async def _sse(
         else:
             lp = None
             if want_lp:
-                lp = _completion_logprobs(state, ev.logprobs, offsets[c.index])
+                lp = _completion_logprobs(state, ev.logprobs, offsets[c.index], job.as_ids)
                 offsets[c.index] += sum(len(t) for t in lp.tokens)
             body = P.CompletionResponse(
                 id=rid,

@@ -89,6 +89,7 @@ class _SamplingRequest(_Request):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    return_tokens_as_token_ids: bool = False  # vLLM: logprob tokens as "token_id:<id>"
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = 0.0

@@ -1,0 +1,5 @@
+import sys
+
+from alora.serving.cli import main
+
+sys.exit(main())

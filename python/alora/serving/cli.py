@@ -1,0 +1,179 @@
+"""`alora serve`: load a model and adapters, start the runtime, serve it with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger("alora.serve")
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
+          "mb": 1000**2, "g": 1 << 30, "gib": 1 << 30, "gb": 1000**3}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """`4GiB`, `512m`, `1e9` or a plain byte count."""
+    m = re.fullmatch(r"\s*([0-9.e+]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4GiB, 512MiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _adapter_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    m = parser.add_argument_group("model")
+    m.add_argument(
+        "--model",
+        help="local transformers model directory (default: the "
+        "project's default model, or the tiny random model without one)",
+    )
+    m.add_argument(
+        "--tiny",
+        action="store_true",
+        help="serve a tiny random Llama with a word-level tokenizer (for tests)",
+    )
+    m.add_argument(
+        "--served-model-name",
+        help="the `model` name of the base model (default: --model, or 'base')",
+    )
+    m.add_argument(
+        "--adapter",
+        action="append",
+        type=_adapter_arg,
+        default=[],
+        metavar="NAME=PATH",
+        help="PEFT LoRA/aLoRA adapter to load (repeatable)",
+    )
+    m.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    m.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if any)")
+    e = parser.add_argument_group("engine")
+    e.add_argument("--kv-cache-memory", type=parse_bytes, help="KV cache size, e.g. 4GiB")
+    e.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
+    e.add_argument("--max-model-len", type=int, default=None)
+    s = parser.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--api-key",
+        default=os.environ.get("ALORA_API_KEY"),
+        help="require `Authorization: Bearer KEY` on every endpoint but /health "
+        "(default: $ALORA_API_KEY)",
+    )
+    s.add_argument(
+        "--max-pending",
+        type=int,
+        default=None,
+        help="sequences admitted at once; more get 503 (default: 4 x max-num-seqs)",
+    )
+    s.add_argument(
+        "--allow-adapter-loading",
+        action="store_true",
+        help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter",
+    )
+    s.add_argument("--adapter-root", help="directory that loadable adapter paths must lie in")
+    s.add_argument("--max-body-bytes", type=parse_bytes, default=4 << 20)
+    s.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to let in-flight requests finish on SIGTERM before aborting",
+    )
+    s.add_argument("--log-level", default="info")
+
+
+def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(model, tokenizer, default served name) from the arguments."""
+    import torch
+
+    if args.tiny or (args.model is None and importlib.util.find_spec("alora.models") is None):
+        from alora.testing import tiny_model, tiny_tokenizer
+
+        return tiny_model("llama", seed=0), tiny_tokenizer(), "tiny"
+    if importlib.util.find_spec("alora.models") is not None:
+        from alora.models import load_model  # type: ignore[import-not-found]
+
+        model, tok = load_model(args.model)
+        return model, tok, args.model or getattr(model, "name_or_path", None) or "base"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype: Any = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(args.model), args.model
+
+
+def build(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The runtime and the app (adapters loaded, nothing served yet)."""
+    import torch
+
+    from alora import AdapterRuntime
+    from alora.serving.app import ServerConfig, create_app
+
+    torch.set_grad_enabled(False)
+    model, tokenizer, default_name = load(args)
+    kwargs: dict[str, Any] = {"max_num_seqs": args.max_num_seqs}
+    if args.kv_cache_memory:
+        kwargs["kv_cache_memory"] = args.kv_cache_memory
+    if args.max_model_len:
+        kwargs["max_model_len"] = args.max_model_len
+    rt = AdapterRuntime(model, tokenizer, **kwargs)
+    for name, path in args.adapter:
+        rt.load_adapter(name, path)
+    name = args.served_model_name or default_name
+    config = ServerConfig(
+        model_name=name,
+        aliases=tuple(a for a in {args.model, "base"} if a and a != name),
+        api_key=args.api_key or None,
+        max_pending=args.max_pending or 4 * args.max_num_seqs,
+        allow_adapter_loading=args.allow_adapter_loading,
+        adapter_root=args.adapter_root,
+        max_body_bytes=args.max_body_bytes,
+    )
+    if args.allow_adapter_loading and not args.adapter_root:
+        raise SystemExit("--allow-adapter-loading needs --adapter-root DIR")
+    return rt, create_app(rt, config)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning(
+            "serving on %s without --api-key: anyone who can reach it can use it", args.host
+        )
+    _, app = build(args)
+    # Uvicorn handles SIGINT/SIGTERM: it stops accepting, gives in-flight requests
+    # --shutdown-timeout seconds, cancels the rest (which aborts them in the engine), then
+    # runs the app's shutdown, which closes the runtime; the process exits 0.
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+        access_log=False,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alora serve", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
