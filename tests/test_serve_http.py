@@ -219,7 +219,7 @@ def test_errors_are_openai_shaped_and_the_server_stays_healthy(
             },
             400,
             "structured_outputs.json",
-        ),  # fmt: skip
+        ),
         ({"model": "base", "prompt": "hello " * 300}, 400, "prompt"),
     ]
     for body, status, param in cases:
