@@ -426,7 +426,7 @@ def create_app(rt: Any, config: ServerConfig | None = None, *, own_runtime: bool
         yield
         # Uvicorn has stopped accepting and waited for (or cancelled, which aborts) the
         # in-flight requests; now stop the engine.
-        close = getattr(rt, "close", None)
+        close = getattr(rt, "close", None) or getattr(rt, "detach", None)
         if own_runtime and close is not None:
             with contextlib.suppress(Exception):
                 close()
@@ -463,7 +463,9 @@ def create_app(rt: Any, config: ServerConfig | None = None, *, own_runtime: bool
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+        # In a thread: the engine's counters are read under the runtime's lock.
+        body = await asyncio.to_thread(state.metrics.render)
+        return Response(body, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> P.ModelList:
@@ -712,10 +714,15 @@ async def _build_job(
 _Logprobs = Sequence[tuple[int, float, list[tuple[int, float]]]]
 
 
+def _finite(v: float) -> float:
+    """-inf (a token masked by a grammar) as vLLM reports it: JSON has no infinities."""
+    return v if v > -9999.0 else -9999.0
+
+
 def _chat_logprobs(state: _State, lps: _Logprobs, as_ids: bool) -> P.ChatLogprobs:
     def top(t: int, v: float) -> P.TopLogprob:
         s = state.token_name(t, as_ids)
-        return P.TopLogprob(token=s, logprob=v, bytes=list(s.encode()))
+        return P.TopLogprob(token=s, logprob=_finite(v), bytes=list(s.encode()))
 
     content = []
     for tid, lp, tops in lps:
@@ -723,7 +730,7 @@ def _chat_logprobs(state: _State, lps: _Logprobs, as_ids: bool) -> P.ChatLogprob
         content.append(
             P.TokenLogprob(
                 token=s,
-                logprob=lp,
+                logprob=_finite(lp),
                 bytes=list(s.encode()),
                 top_logprobs=[top(t, v) for t, v in tops],
             )
@@ -738,9 +745,9 @@ def _completion_logprobs(
     for tid, lp, top in lps:
         s = state.token_name(tid, as_ids)
         out.tokens.append(s)
-        out.token_logprobs.append(lp)
-        tops = {state.token_name(t, as_ids): v for t, v in top}
-        tops.setdefault(s, lp)  # like OpenAI: the sampled token is always listed
+        out.token_logprobs.append(_finite(lp))
+        tops = {state.token_name(t, as_ids): _finite(v) for t, v in top}
+        tops.setdefault(s, _finite(lp))  # like OpenAI: the sampled token is always listed
         out.top_logprobs.append(tops)
         out.text_offset.append(offset)
         offset += len(s)

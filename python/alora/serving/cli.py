@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -157,7 +158,10 @@ def run(args: argparse.Namespace) -> int:
     _, app = build(args)
     # Uvicorn handles SIGINT/SIGTERM: it stops accepting, gives in-flight requests
     # --shutdown-timeout seconds, cancels the rest (which aborts them in the engine), then
-    # runs the app's shutdown, which closes the runtime; the process exits 0.
+    # runs the app's shutdown, which closes the runtime. It then re-raises the signal under
+    # the handler that was there before it; a no-op one lets SIGTERM end in exit status 0,
+    # which is what process supervisors expect of a clean shutdown.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(
         app,
         host=args.host,
