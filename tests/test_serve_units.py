@@ -204,3 +204,15 @@ def test_parse_bytes() -> None:
     assert parse_bytes("1000") == 1000
     with pytest.raises(Exception, match="not a size"):
         parse_bytes("lots")
+
+
+def test_serve_subcommand_parses() -> None:
+    from alora.cli import _parser
+
+    args = _parser().parse_args(
+        ["serve", "--tiny", "--port", "0", "--adapter", "a=/x", "--kv-cache-memory", "1GiB"]
+    )
+    assert (args.command, args.tiny, args.port, args.adapter) == ("serve", True, 0, [("a", "/x")])
+    assert args.kv_cache_memory == 1 << 30
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["serve", "--adapter", "no-equals-sign"])

@@ -1,4 +1,4 @@
-"""The `alora` command line: `alora demo` and `alora check-kernels`."""
+"""The `alora` command line: `alora demo`, `alora serve` and `alora check-kernels`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,14 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_arguments(demo_parser)
+    from alora.serving import cli as serve_cli
+
+    serve_parser = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (completions, chat, adapters as models)",
+        description=serve_cli.__doc__,
+    )
+    serve_cli.add_arguments(serve_parser)
     # Listed for --help only: main() forwards its arguments untouched (see below).
     sub.add_parser(
         "check-kernels",
@@ -47,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from alora.demo import run
 
         return run(args)
+    if args.command == "serve":
+        from alora.serving.cli import run as serve
+
+        return serve(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects others
 
 

@@ -95,22 +95,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    """(model, tokenizer, default served name) from the arguments."""
+    """(model, tokenizer, default served name) from the arguments: `alora.models.load_model`
+    (the project's default model, a local directory, or the tiny one) where it exists."""
     import torch
 
-    if args.tiny or (args.model is None and importlib.util.find_spec("alora.models") is None):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype == "auto":
+        dtype = torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+    else:
+        dtype = getattr(torch, args.dtype)
+    if importlib.util.find_spec("alora.models") is not None:
+        from alora.models import load_model, model_label
+
+        model, tok = load_model(args.model, tiny=args.tiny, dtype=dtype, device=device)
+        return model, tok, model_label(args.model, args.tiny)
+    if args.tiny or args.model is None:
         from alora.testing import tiny_model, tiny_tokenizer
 
         return tiny_model("llama", seed=0), tiny_tokenizer(), "tiny"
-    if importlib.util.find_spec("alora.models") is not None:
-        from alora.models import load_model  # type: ignore[import-not-found]
-
-        model, tok = load_model(args.model)
-        return model, tok, args.model or getattr(model, "name_or_path", None) or "base"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype: Any = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(args.model), args.model
 
