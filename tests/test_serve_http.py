@@ -131,9 +131,14 @@ def test_cached_tokens_show_prefix_reuse(client: openai.OpenAI) -> None:
 def test_chat_logprobs_are_log_softmax(fake: FakeRuntime, client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "hello"}]
     r = client.chat.completions.create(
-        model="lora_a", messages=messages, max_tokens=4, temperature=0, logprobs=True,
-        top_logprobs=5, extra_body={"return_tokens_as_token_ids": True},
-    )  # fmt: skip
+        model="lora_a",
+        messages=messages,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=5,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
     ids = chat_ids(fake, messages)
     content = r.choices[0].logprobs.content
     assert content is not None and len(content) >= 1
@@ -180,9 +185,13 @@ def test_stop_strings_cut_the_text(client: openai.OpenAI, stream: bool) -> None:
 
 def test_n_choices_with_seed(client: openai.OpenAI) -> None:
     kw: dict[str, Any] = dict(
-        model="base", messages=[{"role": "user", "content": "hello"}], max_tokens=5,
-        temperature=1.0, seed=7, n=3,
-    )  # fmt: skip
+        model="base",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=5,
+        temperature=1.0,
+        seed=7,
+        n=3,
+    )
     a = client.chat.completions.create(**kw)
     b = client.chat.completions.create(**kw)
     assert [c.index for c in a.choices] == [0, 1, 2]
@@ -248,12 +257,19 @@ def test_metrics(url: str, client: openai.OpenAI) -> None:
     assert re.search(r'alora_requests_total\{model="lora_a",status="ok"\} [1-9]', text)
     assert re.search(r'alora_requests_total\{model="_unknown",status="404"\} [1-9]', text)
     for name in (
-        "alora_prompt_tokens_total", "alora_cached_prompt_tokens_total",
-        "alora_generation_tokens_total", "alora_time_to_first_token_seconds_bucket",
-        "alora_inter_token_latency_seconds_bucket", "alora_kv_blocks_used",
-        "alora_kv_blocks_cached", "alora_adapters_resident", "alora_adapter_swaps_in_total",
-        "alora_preemptions_total", "alora_requests_waiting", "alora_server_requests_in_flight",
-    ):  # fmt: skip
+        "alora_prompt_tokens_total",
+        "alora_cached_prompt_tokens_total",
+        "alora_generation_tokens_total",
+        "alora_time_to_first_token_seconds_bucket",
+        "alora_inter_token_latency_seconds_bucket",
+        "alora_kv_blocks_used",
+        "alora_kv_blocks_cached",
+        "alora_adapters_resident",
+        "alora_adapter_swaps_in_total",
+        "alora_preemptions_total",
+        "alora_requests_waiting",
+        "alora_server_requests_in_flight",
+    ):
         assert name in text, name
 
 
@@ -277,8 +293,13 @@ def _wait(cond: Any, timeout: float = 5.0) -> None:
 
 def test_disconnect_mid_stream_aborts(slow: tuple[FakeRuntime, str]) -> None:
     rt, url = slow
-    body = {"model": "base", "prompt": "hello", "max_tokens": 200, "stream": True,
-            "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": "base",
+        "prompt": "hello",
+        "max_tokens": 200,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
@@ -306,8 +327,13 @@ def test_disconnect_during_non_streaming_request_aborts(slow: tuple[FakeRuntime,
 
 def test_admission_is_bounded(slow: tuple[FakeRuntime, str]) -> None:
     rt, url = slow
-    body = {"model": "base", "prompt": "hello", "max_tokens": 100, "stream": True,
-            "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": "base",
+        "prompt": "hello",
+        "max_tokens": 100,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with (
         httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as a,
         httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as b,
@@ -358,11 +384,18 @@ def test_adapter_endpoints(tmp_path: Path) -> None:
             assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", path
         r = post(url, "/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "new"})
         assert r.status_code == 200, r.text
-        assert post(url, "/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "new"}
-                    ).status_code == 400  # fmt: skip
+        assert (
+            post(url, "/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "new"}).status_code
+            == 400
+        )
         assert "new" in {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
-        body = {"model": "new", "prompt": "hello", "max_tokens": 100, "stream": True,
-                "ignore_eos": True}  # fmt: skip
+        body = {
+            "model": "new",
+            "prompt": "hello",
+            "max_tokens": 100,
+            "stream": True,
+            "ignore_eos": True,
+        }
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as s:
             lines = s.iter_lines()
             next(lines)
@@ -394,10 +427,17 @@ def test_structured_outputs() -> None:
         seen = set()
         for seed in range(3):
             r = c.chat.completions.create(
-                model="base", messages=msgs, max_tokens=60, temperature=1.0, seed=seed, n=2,
-                response_format={"type": "json_schema",
-                                 "json_schema": {"name": "verdict", "schema": schema}},
-            )  # fmt: skip
+                model="base",
+                messages=msgs,
+                max_tokens=60,
+                temperature=1.0,
+                seed=seed,
+                n=2,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "verdict", "schema": schema},
+                },
+            )
             for choice in r.choices:
                 value = json.loads(choice.message.content or "")
                 assert set(value) == {"answer", "certain", "score"}
@@ -406,19 +446,29 @@ def test_structured_outputs() -> None:
                 seen.add(choice.message.content)
         assert len(seen) > 1
         r = c.completions.create(
-            model="base", prompt="pick", max_tokens=20, temperature=0,
+            model="base",
+            prompt="pick",
+            max_tokens=20,
+            temperature=0,
             extra_body={"structured_outputs": {"choice": ["alpha", "beta gamma"]}},
-        )  # fmt: skip
+        )
         assert r.choices[0].text in ("alpha", "beta gamma")
         r = c.completions.create(
-            model="base", prompt="digits", max_tokens=20, temperature=0, stream=True,
+            model="base",
+            prompt="digits",
+            max_tokens=20,
+            temperature=0,
+            stream=True,
             extra_body={"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}},
-        )  # fmt: skip
+        )
         assert re.fullmatch("[0-9]{3}-[a-z]{2}", "".join(ch.choices[0].text for ch in r))
         r = c.chat.completions.create(
-            model="base", messages=msgs, max_tokens=40, temperature=0,
+            model="base",
+            messages=msgs,
+            max_tokens=40,
+            temperature=0,
             response_format={"type": "json_object"},
-        )  # fmt: skip
+        )
         # Free-form keys from pseudo-random logits need not close within max_tokens.
         text = r.choices[0].message.content or ""
         assert text.startswith("{")
@@ -433,8 +483,13 @@ def test_concurrent_clients_on_the_fake(fake: FakeRuntime, url: str) -> None:
 
     def run(i: int) -> None:
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        s = c.completions.create(model=["base", "lora_a", "lora_b"][i % 3], prompt=[20 + i, 21],
-                                 max_tokens=5, temperature=0, stream=True)  # fmt: skip
+        s = c.completions.create(
+            model=["base", "lora_a", "lora_b"][i % 3],
+            prompt=[20 + i, 21],
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+        )
         results[i] = "".join(ch.choices[0].text for ch in s)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]

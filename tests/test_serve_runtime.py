@@ -104,10 +104,15 @@ def test_32_concurrent_streams_equal_generate_alone(setup: Setup, url: str) -> N
         try:
             prompt, adapter = jobs[i]
             s = client(url).completions.create(
-                model=adapter or "base", prompt=prompt, max_tokens=6, temperature=0,
-                stream=True, logprobs=0, stream_options={"include_usage": True},
+                model=adapter or "base",
+                prompt=prompt,
+                max_tokens=6,
+                temperature=0,
+                stream=True,
+                logprobs=0,
+                stream_options={"include_usage": True},
                 extra_body={"return_tokens_as_token_ids": True},
-            )  # fmt: skip
+            )
             ids: list[int] = []
             text, usage = "", None
             for ch in s:
@@ -142,9 +147,13 @@ def test_32_concurrent_streams_equal_generate_alone(setup: Setup, url: str) -> N
 def test_logprobs_are_log_softmax_of_the_adapters_logits(setup: Setup, url: str) -> None:
     prompt = CONVERSATIONS[1] + setup.inv
     r = client(url).completions.create(
-        model="certainty", prompt=prompt, max_tokens=5, temperature=0, logprobs=5,
+        model="certainty",
+        prompt=prompt,
+        max_tokens=5,
+        temperature=0,
+        logprobs=5,
         extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
-    )  # fmt: skip
+    )
     ref = setup.rt.generate(
         [prompt], "certainty", max_new_tokens=5, stop_token_ids=(), return_logits=True
     )[0]
@@ -164,9 +173,14 @@ def test_logprobs_are_log_softmax_of_the_adapters_logits(setup: Setup, url: str)
 def test_n_choices_equal_seeded_generate(setup: Setup, url: str) -> None:
     prompt = CONVERSATIONS[2]
     r = client(url).completions.create(
-        model="rewrite", prompt=prompt, max_tokens=6, temperature=0.8, seed=11, n=3,
+        model="rewrite",
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0.8,
+        seed=11,
+        n=3,
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    )
     ref = setup.rt.generate(
         [prompt] * 3, "rewrite", max_new_tokens=6, temperature=0.8, seed=11, stop_token_ids=()
     )
@@ -192,8 +206,13 @@ def test_chat_with_stop_string(setup: Setup, url: str) -> None:
 
 
 def test_disconnect_mid_stream_frees_blocks(url: str) -> None:
-    body = {"model": "base", "prompt": CONVERSATIONS[3], "max_tokens": 200, "stream": True,
-            "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": "base",
+        "prompt": CONVERSATIONS[3],
+        "max_tokens": 200,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
@@ -211,8 +230,9 @@ def test_load_and_unload_while_traffic_flows(setup: Setup, url: str) -> None:
         c = client(url)
         while not stop.is_set():
             try:
-                r = c.completions.create(model=model, prompt=CONVERSATIONS[0], max_tokens=3,
-                                         temperature=0)  # fmt: skip
+                r = c.completions.create(
+                    model=model, prompt=CONVERSATIONS[0], max_tokens=3, temperature=0
+                )
                 seen.append((model, r.choices[0].text))
             except Exception as e:
                 failures.append(repr(e))
@@ -221,24 +241,33 @@ def test_load_and_unload_while_traffic_flows(setup: Setup, url: str) -> None:
     for t in threads:
         t.start()
     try:
-        r = httpx.post(url + "/v1/load_lora_adapter",
-                       json={"lora_name": "extra", "lora_path": "extra"}, timeout=60)  # fmt: skip
+        r = httpx.post(
+            url + "/v1/load_lora_adapter",
+            json={"lora_name": "extra", "lora_path": "extra"},
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
         out = client(url).completions.create(
             model="extra", prompt=CONVERSATIONS[0], max_tokens=3, temperature=0
         )
         ref = setup.rt.generate([CONVERSATIONS[0]], "extra", max_new_tokens=3)[0]
         assert out.choices[0].text == setup.tok.decode(ref.token_ids, skip_special_tokens=True)
-        body = {"model": "extra", "prompt": CONVERSATIONS[1], "max_tokens": 200,
-                "stream": True, "ignore_eos": True}  # fmt: skip
+        body = {
+            "model": "extra",
+            "prompt": CONVERSATIONS[1],
+            "max_tokens": 200,
+            "stream": True,
+            "ignore_eos": True,
+        }
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as s:
             lines = s.iter_lines()
             next(lines)
             busy = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "extra"})
             assert busy.status_code == 409, busy.text
         deadline = time.monotonic() + 10
-        while (r := httpx.post(url + "/v1/unload_lora_adapter",
-                               json={"lora_name": "extra"})).status_code == 409:  # fmt: skip
+        while (
+            r := httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "extra"})
+        ).status_code == 409:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert r.status_code == 200, r.text
@@ -284,11 +313,19 @@ def test_json_schema_on_a_real_model() -> None:
             t = threading.Thread(target=free)
             t.start()
             r = c.chat.completions.create(
-                model="base", messages=msgs, max_tokens=40, temperature=1.0, seed=3, n=3,
-                logprobs=True, top_logprobs=2,
-                response_format={"type": "json_schema",
-                                 "json_schema": {"name": "verdict", "schema": schema}},
-            )  # fmt: skip
+                model="base",
+                messages=msgs,
+                max_tokens=40,
+                temperature=1.0,
+                seed=3,
+                n=3,
+                logprobs=True,
+                top_logprobs=2,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "verdict", "schema": schema},
+                },
+            )
             t.join(120)
             for choice in r.choices:
                 value = json.loads(choice.message.content or "")
@@ -313,10 +350,22 @@ def test_sigterm_shuts_down_cleanly() -> None:
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "alora.serving", "--tiny", "--port", str(port),
-         "--shutdown-timeout", "1", "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "alora.serving",
+            "--tiny",
+            "--port",
+            str(port),
+            "--shutdown-timeout",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -330,8 +379,13 @@ def test_sigterm_shuts_down_cleanly() -> None:
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.2)
         (card,) = httpx.get(url + "/v1/models").json()["data"]
-        body = {"model": card["id"], "prompt": "hello", "max_tokens": 240, "stream": True,
-                "ignore_eos": True}  # fmt: skip
+        body = {
+            "model": card["id"],
+            "prompt": "hello",
+            "max_tokens": 240,
+            "stream": True,
+            "ignore_eos": True,
+        }
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")

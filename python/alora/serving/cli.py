@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--kv-cache-memory", type=parse_bytes, help="KV cache size, e.g. 4GiB")
     e.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
     e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     s = parser.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
@@ -127,6 +128,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     from alora.serving.app import ServerConfig, create_app
 
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer, default_name = load(args)
     kwargs: dict[str, Any] = {"max_num_seqs": args.max_num_seqs}
     if args.kv_cache_memory:
