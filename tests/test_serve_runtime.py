@@ -171,7 +171,8 @@ def test_logprobs_are_log_softmax_of_the_adapters_logits(setup: Setup, url: str)
 
 
 def test_n_choices_equal_seeded_generate(setup: Setup, url: str) -> None:
-    prompt = CONVERSATIONS[2]
+    prompt = [*CONVERSATIONS[2], 77, 78, 79]  # not seen before: nothing cached
+    hits = setup.rt.stats()["prefix_hit_tokens"]
     r = client(url).completions.create(
         model="rewrite",
         prompt=prompt,
@@ -181,13 +182,21 @@ def test_n_choices_equal_seeded_generate(setup: Setup, url: str) -> None:
         n=3,
         extra_body={"ignore_eos": True},
     )
-    ref = setup.rt.generate(
-        [prompt] * 3, "rewrite", max_new_tokens=6, temperature=0.8, seed=11, stop_token_ids=()
-    )
+    shared = setup.rt.stats()["prefix_hit_tokens"] - hits
+    # Choice s samples with seed + s, so the n choices differ and each is reproducible.
+    ref = [
+        setup.rt.generate(
+            [prompt], "rewrite", max_new_tokens=6, temperature=0.8, seed=11 + s, stop_token_ids=()
+        )[0]
+        for s in range(3)
+    ]
     assert [c.text for c in r.choices] == [
         setup.tok.decode(x.token_ids, skip_special_tokens=True) for x in ref
     ]
+    assert len({c.text for c in r.choices}) > 1
     assert r.usage is not None and r.usage.prompt_tokens == len(prompt)
+    # The two followers reused the leader's full prompt blocks (block size 4).
+    assert shared >= 2 * ((len(prompt) - 1) // 4 * 4)
 
 
 def test_chat_with_stop_string(setup: Setup, url: str) -> None:

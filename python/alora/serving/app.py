@@ -290,78 +290,119 @@ def _vocab_size(rt: Any) -> int | None:
     return len(rt.tokenizer) if rt.tokenizer is not None else None
 
 
-async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
-    """Interleave several `stream_async` iterators (one per grammar-constrained sequence);
-    leaving early closes all of them, which aborts their requests."""
-    if len(streams) == 1:
-        it = streams[0]
-        try:
-            async for d in it:
-                yield 0, d
-        finally:
-            aclose = getattr(it, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        return
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-    done = object()
+_DONE = object()
 
-    async def pump(k: int, it: AsyncIterator[Any]) -> None:
+
+class _Merge:
+    """Interleaves `stream_async` iterators, which may be added while it runs. Leaving
+    early (or being cancelled) closes all of them, which aborts their requests."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self._tasks: list[asyncio.Future[None]] = []
+        self._live = 0
+
+    def add(self, k: int, it: AsyncIterator[Any]) -> None:
+        self._live += 1
+        self._tasks.append(asyncio.ensure_future(self._pump(k, it)))
+
+    async def _pump(self, k: int, it: AsyncIterator[Any]) -> None:
         try:
             async for d in it:
-                await queue.put((k, d))
+                self._queue.put_nowait((k, d))
         except Exception as e:
-            await queue.put((k, e))
+            self._queue.put_nowait((k, e))
         finally:
-            aclose = getattr(it, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            await queue.put((k, done))
+            await _aclose(it)
+            self._queue.put_nowait((k, _DONE))
 
-    tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            k, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield k, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def items(self) -> AsyncIterator[tuple[int, Any]]:
+        try:
+            while self._live:
+                k, item = await self._queue.get()
+                if item is _DONE:
+                    self._live -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield k, item
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _aclose(it: AsyncIterator[Any]) -> None:
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 class Generator:
-    """Runs one job through `stream_async` and yields text events per choice."""
+    """Runs one job through `stream_async` and yields text events per choice.
+
+    With n > 1 the first sequence of each prompt goes first and the other n - 1 follow
+    once it has its first token: by then the prompt's blocks are in the prefix cache, so
+    the followers compute only the prompt's last partial block (sequences submitted
+    together would each prefill the whole prompt). A grammar matcher is per request, so
+    constrained sequences are submitted one per `stream_async` call."""
 
     def __init__(self, state: _State, job: _Job) -> None:
         self.state = state
         self.job = job
 
-    def _streams(self) -> tuple[list[AsyncIterator[Any]], list[list[int]]]:
+    def _submit(self, seqs: list[int]) -> list[tuple[AsyncIterator[Any], list[int]]]:
+        """Start `stream_async` for these sequences. Sequence s always samples with seed
+        `seed + s`, as if all had been submitted in one call."""
         job, rt = self.job, self.state.rt
-        if job.processors is None or all(not p for p in job.processors):
-            seqs = list(range(len(job.prompts)))
-            return [rt.stream_async(job.prompts, job.adapter, **job.kwargs)], [seqs]
-        # Stateful processors (a grammar matcher) belong to one request each.
-        streams = [
-            rt.stream_async(
-                [job.prompts[s]], job.adapter, logits_processors=job.processors[s], **job.kwargs
-            )
-            for s in range(len(job.prompts))
-        ]
-        return streams, [[s] for s in range(len(job.prompts))]
+        seed = job.kwargs.get("seed")
+        if job.processors is None and (seed is None or seqs == list(range(len(seqs)))):
+            prompts = [job.prompts[s] for s in seqs]
+            return [(rt.stream_async(prompts, job.adapter, **job.kwargs), seqs)]
+        out = []
+        for s in seqs:
+            kw = dict(job.kwargs)
+            if seed is not None:
+                kw["seed"] = seed + s
+            if job.processors is not None:
+                kw["logits_processors"] = job.processors[s]
+            out.append((rt.stream_async([job.prompts[s]], job.adapter, **kw), [s]))
+        return out
+
+    async def _deltas(self) -> AsyncIterator[tuple[int, Any]]:
+        """(sequence index, delta) for every sequence of the job."""
+        job = self.job
+        leaders = sorted({job.prompt_of.index(p) for p in set(job.prompt_of)})
+        followers = [s for s in range(len(job.prompts)) if s not in set(leaders)]
+        first = self._submit(leaders)
+        if not followers and len(first) == 1:
+            it, seqs = first[0]
+            try:
+                async for d in it:
+                    yield seqs[d.index], d
+            finally:
+                await _aclose(it)
+            return
+        merge = _Merge()
+        streams: list[list[int]] = []
+        for it, seqs in first:
+            merge.add(len(streams), it)
+            streams.append(seqs)
+        waiting = set(leaders)
+        async for k, d in merge.items():
+            seq = streams[k][d.index]
+            if waiting and (d.token_id is not None or d.finished):
+                waiting.discard(seq)
+                if not waiting and followers:
+                    for it, seqs in self._submit(followers):
+                        merge.add(len(streams), it)
+                        streams.append(seqs)
+            yield seq, d
 
     async def events(self) -> AsyncIterator[_Event]:
         job, st = self.job, self.state
-        streams, seq_of = self._streams()
         model = job.model
-        async for k, delta in _merge(streams):
-            seq = seq_of[k][delta.index]
+        async for seq, delta in self._deltas():
             c = job.choices[seq]
             c.request_id = delta.request_id
             if delta.finished and delta.result is not None:
