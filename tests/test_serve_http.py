@@ -501,3 +501,35 @@ def test_concurrent_clients_on_the_fake(fake: FakeRuntime, url: str) -> None:
         adapter = [None, "lora_a", "lora_b"][i % 3]
         expected = greedy(fake, [20 + i, 21], adapter, 5)
         assert results[i] == fake.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_chat_template_options(fake: FakeRuntime, client: openai.OpenAI) -> None:
+    tok = fake.tokenizer
+    msgs = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "the answer is"},
+    ]
+    r = client.chat.completions.create(
+        model="base",
+        messages=msgs,
+        max_tokens=3,
+        temperature=0,
+        extra_body={
+            "add_generation_prompt": False,
+            "continue_final_message": True,
+            "chat_template_kwargs": {"unused_by_this_template": 1},
+        },
+    )
+    text = tok.apply_chat_template(msgs, tokenize=False, continue_final_message=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert r.usage is not None and r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].message.content == tok.decode(
+        greedy(fake, ids, None, 3), skip_special_tokens=True
+    )
+    parts = [{"type": "text", "text": "hello"}, {"type": "text", "text": " world"}]
+    r = client.chat.completions.create(
+        model="base", messages=[{"role": "user", "content": parts}], max_tokens=1
+    )
+    assert r.usage is not None and r.usage.prompt_tokens == len(
+        chat_ids(fake, [{"role": "user", "content": "hello world"}])
+    )
