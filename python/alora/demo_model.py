@@ -1,6 +1,7 @@
-"""The embedded default model of `alora demo` and the benchmarks: a Granite-architecture
-causal LM with random weights, sized so the demo's agentic chain runs in about a minute on
-2 CPU cores. Nothing is downloaded; `--model PATH` swaps in a real local model."""
+"""The benchmarks' default model: a Granite-architecture causal LM with random weights,
+sized so a bench runs in minutes on 2 CPU cores (speed does not depend on the weights, and
+earlier results were measured on it). `alora demo` defaults to the real SmolLM2 instead
+(`alora.models`); `--model smollm2` or `--model PATH` gives the benches a real model."""
 
 from __future__ import annotations
 
@@ -40,14 +41,10 @@ def demo_tokenizer() -> Any:
 def load_model(
     path: str | None, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> tuple[PreTrainedModel, Any]:
-    """(model, tokenizer): the demo model, or a local transformers directory when `path` is set."""
+    """(model, tokenizer): the random demo model when `path` is None; otherwise what
+    `alora.models.load_model` gives for it ('smollm2' or a local transformers directory)."""
     if path is None:
         return demo_model(dtype=dtype, device=device), demo_tokenizer()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from alora.models import load_model as load_real
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError):
-        tok = None
-    return model.to(device).eval(), tok
+    return load_real(path, dtype=dtype, device=device)
