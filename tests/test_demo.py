@@ -1,5 +1,5 @@
-"""`alora demo --quick`: the chain's accounting, read back from its JSON, and the CLI's
-argument errors."""
+"""`alora demo --tiny --quick`: the chain's accounting, read back from its JSON, and the
+CLI's argument errors. (The demo on the real model: tests/test_real_model.py and CI.)"""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from alora.cli import main
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("demo") / "demo.json"
-    assert main(["demo", "--quick", "--json", str(out)]) == 0
+    assert main(["demo", "--tiny", "--quick", "--json", str(out)]) == 0
     return json.loads(out.read_text())
 
 
@@ -136,7 +136,7 @@ def test_check_kernels_forwards_its_arguments(monkeypatch: pytest.MonkeyPatch) -
 
 def test_unknown_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["serve"])
+        main(["frobnicate"])
     assert exc.value.code == 2
 
 
@@ -150,7 +150,7 @@ def test_real_adapters(tmp_path: Path) -> None:
     judge = make_peft_adapter(model, tmp_path / "judge", "alora", r=4, invocation_tokens=inv)
     rw = make_peft_adapter(model, tmp_path / "rw", "lora", r=4, targets=("q_proj", "v_proj"))
     out = tmp_path / "demo.json"
-    argv = ["demo", "--quick", "--turns", "1", "--json", str(out)]
+    argv = ["demo", "--tiny", "--quick", "--turns", "1", "--json", str(out)]
     assert main([*argv, "--adapter", f"judge={judge}", "--adapter", f"rw={rw}"]) == 0
     data = json.loads(out.read_text())
     assert data["intrinsics"] == [
@@ -168,5 +168,5 @@ def test_no_alora_adapter_to_compare(tmp_path: Path, capsys: pytest.CaptureFixtu
     from alora.testing import make_peft_adapter, tiny_model
 
     rw = make_peft_adapter(tiny_model("granite"), tmp_path / "rw", "lora", r=4)
-    assert main(["demo", "--quick", "--turns", "1", "--adapter", f"rw={rw}"]) == 2
+    assert main(["demo", "--tiny", "--quick", "--turns", "1", "--adapter", f"rw={rw}"]) == 2
     assert "no aLoRA adapter" in capsys.readouterr().err
