@@ -17,7 +17,8 @@ from alora.backend import TorchBackend
 from alora.kv_cache import PagedKVCache
 from alora.lora import AdapterEntry, AdapterPools, build_lora_batches
 from alora.model import ModelGeometry, ModuleSpec
-from alora.sampling import SamplingParams, sample
+from alora.plan import AttentionPlan, LoraPlan
+from alora.sampling import SampleRequest, SamplingParams, sample_batch
 
 
 def _dense_reference(
@@ -105,11 +106,13 @@ def test_paged_attention_matches_dense(case: dict) -> None:
     k_new = torch.cat([full_k[s][c - q :] for s, (c, q) in enumerate(zip(ctx, qlens, strict=True))])
     v_new = torch.cat([full_v[s][c - q :] for s, (c, q) in enumerate(zip(ctx, qlens, strict=True))])
     meta = build_attention_metadata(
-        positions=positions,
-        query_start=query_start,
-        context_lens=np.asarray(ctx),
-        block_tables=tables,
-        slot_mapping=slot_mapping,
+        AttentionPlan(
+            positions=positions,
+            query_start=query_start,
+            context_lens=np.asarray(ctx),
+            block_tables=tables,
+            slot_mapping=slot_mapping,
+        ),
         block_size=bs,
         device="cpu",
     )
@@ -128,11 +131,13 @@ def test_paged_attention_matches_dense(case: dict) -> None:
 def test_attention_metadata_rejects_missing_block() -> None:
     with pytest.raises(ValueError, match="no block"):
         build_attention_metadata(
-            positions=np.arange(5),
-            query_start=np.array([0, 5]),
-            context_lens=np.array([5]),
-            block_tables=np.array([[0, -1]], dtype=np.int32),
-            slot_mapping=np.arange(5),
+            AttentionPlan(
+                positions=np.arange(5),
+                query_start=np.array([0, 5]),
+                context_lens=np.array([5]),
+                block_tables=np.array([[0, -1]], dtype=np.int32),
+                slot_mapping=np.arange(5),
+            ),
             block_size=4,
             device="cpu",
         )
@@ -223,12 +228,14 @@ def test_pools_and_batches_match_dense_lora() -> None:
     T = 7
     # Tokens 0, 3 base; 1, 4, 6 adapter 7; 2, 5 adapter 9.
     batches = build_lora_batches(
-        sorted_token_idx=np.array([1, 4, 6, 2, 5]),
-        segment_start=np.array([0, 3, 5], dtype=np.int32),
-        segment_adapter=np.array([7, 9], dtype=np.uint64),
-        adapter_rank=np.array([3, 4], dtype=np.int32),
-        adapter_row_start=np.array([0, 3, 7], dtype=np.int32),
-        adapter_rows=np.concatenate([rows7, rows9]),
+        LoraPlan(
+            sorted_token_idx=np.array([1, 4, 6, 2, 5]),
+            segment_start=np.array([0, 3, 5], dtype=np.int32),
+            segment_adapter=np.array([7, 9], dtype=np.uint64),
+            adapter_rank=np.array([3, 4], dtype=np.int32),
+            adapter_row_start=np.array([0, 3, 7], dtype=np.int32),
+            adapter_rows=np.concatenate([rows7, rows9]),
+        ),
         entries={7: e7, 9: e9},
         module_names=["q_proj", "v_proj"],
         device=torch.device("cpu"),
@@ -258,12 +265,14 @@ def test_pools_and_batches_match_dense_lora() -> None:
 
 def test_no_segments_means_no_batches() -> None:
     batches = build_lora_batches(
-        sorted_token_idx=np.zeros(0, dtype=np.int64),
-        segment_start=np.zeros(1, dtype=np.int32),
-        segment_adapter=np.zeros(0, dtype=np.uint64),
-        adapter_rank=np.zeros(0, dtype=np.int32),
-        adapter_row_start=np.zeros(1, dtype=np.int32),
-        adapter_rows=np.zeros(0, dtype=np.int32),
+        LoraPlan(
+            sorted_token_idx=np.zeros(0, dtype=np.int64),
+            segment_start=np.zeros(1, dtype=np.int32),
+            segment_adapter=np.zeros(0, dtype=np.uint64),
+            adapter_rank=np.zeros(0, dtype=np.int32),
+            adapter_row_start=np.zeros(1, dtype=np.int32),
+            adapter_rows=np.zeros(0, dtype=np.int32),
+        ),
         entries={},
         module_names=["q_proj"],
         device=torch.device("cpu"),
@@ -286,6 +295,13 @@ def test_no_segments_means_no_batches() -> None:
 def test_sampling_params_validation(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]
+) -> list[int]:
+    out = sample_batch(logits, [SampleRequest(p, g, ()) for p, g in zip(params, gens, strict=True)])
+    return [s.token for s in out]  # type: ignore[union-attr]
 
 
 def test_sampling_greedy_topk_topp_and_seed() -> None:

@@ -175,11 +175,23 @@ def test_failed_forward_releases_everything(rt: AdapterRuntime) -> None:
 
     good = rt.backend
     rt.backend = FailingBackend()  # type: ignore[assignment]
-    with pytest.raises(Boom):
-        rt.generate([[20, 21, 22, 3, 4, 5, 30], [40, 41]], ["alora_all", None], max_new_tokens=3)
+    # The engine loop retries a failing step, then fails its requests with the cause.
+    results = rt.generate(
+        [[20, 21, 22, 3, 4, 5, 30], [40, 41]], ["alora_all", None], max_new_tokens=3
+    )
+    assert [r.finish_reason for r in results] == ["error", "error"]
+    assert all(isinstance(r.error, Boom) for r in results)
     _idle(rt)
+    # The manual loop rolls the step back and raises; the requests stay queued, intact.
+    rid = rt.add_request([20, 21, 22, 3, 4, 5, 30], adapter="alora_all", max_new_tokens=3)
+    with pytest.raises(Boom):
+        rt.step()
+    assert rt.stats()["waiting"] == 1 and rt.stats()["used_blocks"] == 0
     rt.backend = good
+    while rt.has_unfinished():
+        rt.step()
     _still_works(rt)
+    del rid
 
 
 def test_state_dict_loading_matches_directory(

@@ -27,15 +27,17 @@ if TYPE_CHECKING:
         UnsupportedDtypeError,
         UnsupportedModelError,
     )
-    from alora.runtime import AdapterRuntime, GenerationResult, StepOutput, StreamDelta
-    from alora.sampling import SamplingParams
+    from alora.outputs import GenerationResult, StepOutput, StreamDelta
+    from alora.runtime import AdapterRuntime
+    from alora.sampling import LogitsProcessor, SamplingParams
 
 _EXPORTS: dict[str, str] = {
     "AdapterRuntime": "alora.runtime",
-    "GenerationResult": "alora.runtime",
-    "StepOutput": "alora.runtime",
-    "StreamDelta": "alora.runtime",
+    "GenerationResult": "alora.outputs",
+    "StepOutput": "alora.outputs",
+    "StreamDelta": "alora.outputs",
     "SamplingParams": "alora.sampling",
+    "LogitsProcessor": "alora.sampling",
     "LoraBackend": "alora.backend",
     "LoraBatch": "alora.backend",
     "TorchBackend": "alora.backend",
@@ -72,6 +74,7 @@ __all__ = [
     "DuplicateAdapterError",
     "GenerationResult",
     "InvalidRequestError",
+    "LogitsProcessor",
     "LoraBackend",
     "LoraBatch",
     "SamplingParams",

@@ -32,6 +32,13 @@ def kernel_sources() -> dict[str, str]:
 def activation_start(tokens: Sequence[int], invocation: Sequence[int]) -> int | None:
     """First index of the last occurrence of `invocation` in `tokens`, or None."""
 
+def untokenized_invocation(
+    *, path: str | None = None, config_json: str | None = None
+) -> str | None:
+    """The `invocation_string` of an aLoRA config without `alora_invocation_tokens` (to be
+    tokenized by the caller), from a directory's adapter_config.json or a JSON text; the
+    config is validated completely (errors name the file and field)."""
+
 class AdapterInfo:
     """A loaded adapter: metadata plus zero-copy views of its host weights."""
 
@@ -132,9 +139,11 @@ class Engine:
         max_model_len: int,
         page_rows: int = 8,
         enable_prefix_cache: bool = True,
+        vocab_size: int | None = None,
     ) -> None:
         """`modules`: (name, path within a decoder layer, in_features, out_features), e.g.
-        ("q_proj", "self_attn.q_proj", 4096, 4096)."""
+        ("q_proj", "self_attn.q_proj", 4096, 4096). With `vocab_size`, every token id (prompts,
+        stop ids, invocation tokens) must lie in [0, vocab_size)."""
     @property
     def block_size(self) -> int: ...
     @property
@@ -157,13 +166,15 @@ class Engine:
     def adapters(self) -> list[AdapterInfo]: ...
     def add_request(
         self,
-        prompt: Sequence[int],
+        prompt: Sequence[int] | NDArray[np.integer],
         *,
         adapter: str | None = None,
-        max_new_tokens: int = 16,
-        stop_token_ids: Sequence[int] = (),
+        max_new_tokens: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
     ) -> int:
-        """Queue a request; returns its id. Validates everything before changing state."""
+        """Queue a request; returns its id. Validates everything before changing state: a bad
+        value (a non-integer, a token id outside the vocabulary, max_new_tokens < 1) raises
+        InvalidRequestError naming the argument. max_new_tokens defaults to 16."""
     def schedule(self) -> StepPlan | None:
         """Plan the next forward pass, or None when no request is unfinished."""
     def commit(
@@ -171,11 +182,16 @@ class Engine:
     ) -> list[RequestOutput]:
         """Apply the tokens sampled for `plan.sample_seqs` (same order); one output per sampled
         request, with `finished` set on those that ended."""
-    def abort(self, request_id: int) -> RequestOutput: ...
+    def cancel_step(self, step_id: int) -> None:
+        """Roll back the step in flight: its admissions are undone (requests queued again,
+        intact), adapters it paged in are not resident, copy sources are unpinned, running
+        requests keep exactly the KV they had computed. Nothing it planned is published."""
+    def abort(self, request_id: int) -> RequestOutput:
+        """Abort a waiting or running request (also while a step is in flight)."""
     def request_output(self, request_id: int) -> RequestOutput: ...
     def has_unfinished(self) -> bool: ...
     def stats(self) -> dict[str, int]:
         """Counters: free_blocks, total_blocks, cached_blocks, used_blocks, running, waiting,
-        resident_adapters, free_adapter_rows, total_adapter_rows, prefix_queries_tokens,
+        loaded_adapters, resident_adapters, pinned_adapters, free_adapter_rows, total_adapter_rows, prefix_queries_tokens,
         prefix_hit_tokens, preemptions, adapter_loads, adapter_evictions, steps."""
     def reset_prefix_cache(self) -> None: ...

@@ -1,5 +1,5 @@
 """Paged attention over the engine's block tables, plugged into transformers through
-`AttentionInterface`, and the step context that tells the model it is inside a runtime step.
+`AttentionInterface`, and the attention's own per-step state (set by the step executor).
 
 An attached model's config names `ATTN_IMPLEMENTATION`. Outside a runtime step both the
 attention function and the mask function registered under that name delegate to the model's
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,10 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alora.kv_cache import PagedKVCache
-
-if TYPE_CHECKING:
-    from alora.backend import LoraBackend, LoraBatch
-    from alora.lora import AdapterPools
+from alora.plan import AttentionPlan
 
 ATTN_IMPLEMENTATION = "alora_paged"
 
@@ -77,20 +74,14 @@ class AttentionMetadata:
 
 
 def build_attention_metadata(
-    *,
-    positions: np.ndarray,
-    query_start: np.ndarray,
-    context_lens: np.ndarray,
-    block_tables: np.ndarray,
-    slot_mapping: np.ndarray,
-    block_size: int,
-    device: torch.device | str,
+    plan: AttentionPlan, *, block_size: int, device: torch.device | str
 ) -> AttentionMetadata:
-    """Index tensors for paged attention over a step's sequences (plan arrays as numpy)."""
-    positions = np.asarray(positions, dtype=np.int64)
-    query_start = np.asarray(query_start, dtype=np.int64)
-    context_lens = np.asarray(context_lens, dtype=np.int64)
-    block_tables = np.asarray(block_tables, dtype=np.int64)
+    """Index tensors for paged attention over a step's sequences."""
+    positions = np.asarray(plan.positions, dtype=np.int64)
+    query_start = np.asarray(plan.query_start, dtype=np.int64)
+    context_lens = np.asarray(plan.context_lens, dtype=np.int64)
+    block_tables = np.asarray(plan.block_tables, dtype=np.int64)
+    slot_mapping = plan.slot_mapping
     q_lens = np.diff(query_start)
     if q_lens.size and (bool((q_lens > context_lens).any()) or bool((q_lens < 1).any())):
         raise ValueError("each sequence needs 1 <= query tokens <= context length")
@@ -185,35 +176,28 @@ def paged_attention(
 
 
 # --------------------------------------------------------------------------------------------
-# Step context.
+# Per-step state.
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
-class StepContext:
-    """Everything the patched model needs during one runtime forward pass."""
+class AttentionStep:
+    """What the paged attention needs during one runtime forward pass."""
 
-    owner: object  # the runtime that runs the step; other runtimes' hooks stay inert
     cache: PagedKVCache
-    attn: AttentionMetadata
-    layer_of: dict[int, int]  # id(attention module) -> layer index
-    lora: dict[str, LoraBatch | None]  # module name -> batch (None: no segment targets it)
-    pools: AdapterPools | None
-    backend: LoraBackend | None
+    meta: AttentionMetadata
+    layer_of: dict[int, int]  # id(attention module) -> layer index, of the runtime's model
 
 
-_STEP: ContextVar[StepContext | None] = ContextVar("alora_step", default=None)
-
-
-def current_step() -> StepContext | None:
-    return _STEP.get()
+_STEP: ContextVar[AttentionStep | None] = ContextVar("alora_attention_step", default=None)
 
 
 @contextlib.contextmanager
-def step_context(ctx: StepContext) -> Iterator[StepContext]:
-    token = _STEP.set(ctx)
+def attention_step(state: AttentionStep) -> Iterator[AttentionStep]:
+    """Inside: attention modules of the runtime's model run paged over `state`."""
+    token = _STEP.set(state)
     try:
-        yield ctx
+        yield state
     finally:
         _STEP.reset(token)
 
@@ -274,7 +258,7 @@ def alora_attention_forward(
         value[0].transpose(0, 1),
         ctx.cache,
         layer,
-        ctx.attn,
+        ctx.meta,
         scaling=scaling,
         sliding_window=kwargs.get("sliding_window"),
     )

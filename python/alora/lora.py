@@ -8,7 +8,9 @@ change, and outside a step the hooks return at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +19,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from alora.attention import current_step
-from alora.backend import LoraBatch
+from alora.backend import LoraBackend, LoraBatch
 from alora.model import ModelGeometry
+from alora.plan import LoraPlan
 
 if TYPE_CHECKING:
     from alora._core import AdapterInfo
@@ -35,15 +37,17 @@ class AdapterEntry:
 
 
 def segment_scale(info: AdapterInfo, geometry: ModelGeometry) -> float:
-    """The adapter's segment scale: the scale of its first adapted (layer, module). Other
-    modules' scales are folded into their Bt rows relative to it."""
-    for layer in range(geometry.num_layers):
-        for spec in geometry.modules:
-            if info.module_rank(layer, spec.name) > 0:
-                scale = float(info.scale(layer, spec.name))
-                if scale != 0.0:
-                    return scale
-    return 1.0
+    """The adapter's segment scale: the largest |scale| over its adapted (layer, module)s.
+    Each module's scale is folded into its Bt rows as a ratio to it, so the ratios lie in
+    [-1, 1]: rows in a half-precision pool never overflow, whatever the alpha patterns."""
+    scales = [
+        abs(float(info.scale(layer, spec.name)))
+        for layer in range(geometry.num_layers)
+        for spec in geometry.modules
+        if info.module_rank(layer, spec.name) > 0
+    ]
+    biggest = max(scales, default=0.0)
+    return biggest if biggest > 0.0 else 1.0
 
 
 class AdapterPools:
@@ -103,13 +107,8 @@ class AdapterPools:
 
 
 def build_lora_batches(
+    plan: LoraPlan,
     *,
-    sorted_token_idx: np.ndarray,
-    segment_start: np.ndarray,
-    segment_adapter: np.ndarray,
-    adapter_rank: np.ndarray,
-    adapter_row_start: np.ndarray,
-    adapter_rows: np.ndarray,
     entries: dict[int, AdapterEntry],
     module_names: Sequence[str],
     device: torch.device,
@@ -118,6 +117,12 @@ def build_lora_batches(
 
     One batch per distinct set of segments, shared by every module (and layer) with that set.
     """
+    sorted_token_idx = plan.sorted_token_idx
+    segment_start = plan.segment_start
+    segment_adapter = plan.segment_adapter
+    adapter_rank = plan.adapter_rank
+    adapter_row_start = plan.adapter_row_start
+    adapter_rows = plan.adapter_rows
     num_segments = int(segment_adapter.shape[0])
     if num_segments == 0:
         return dict.fromkeys(module_names)
@@ -183,6 +188,29 @@ def _make_batch(
     )
 
 
+@dataclass
+class LoraStep:
+    """What the LoRA hooks need during one runtime forward pass."""
+
+    owner: object  # the runtime that runs the step; other runtimes' hooks stay inert
+    batches: dict[str, LoraBatch | None]  # module name -> batch (None: no segment targets it)
+    pools: AdapterPools
+    backend: LoraBackend
+
+
+_STEP: ContextVar[LoraStep | None] = ContextVar("alora_lora_step", default=None)
+
+
+@contextlib.contextmanager
+def lora_step(state: LoraStep) -> Iterator[LoraStep]:
+    """Inside: the owner's hooks add the LoRA deltas of `state`'s batches."""
+    token = _STEP.set(state)
+    try:
+        yield state
+    finally:
+        _STEP.reset(token)
+
+
 class LoraHooks:
     """Forward hooks on every target linear of every decoder layer."""
 
@@ -205,11 +233,11 @@ def _make_hook(owner: object, layer: int, name: str) -> Any:
     def hook(
         module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor
     ) -> torch.Tensor | None:
-        ctx = current_step()
+        ctx = _STEP.get()
         if ctx is None or ctx.owner is not owner:
             return None
-        batch = ctx.lora.get(name)
-        if batch is None or ctx.pools is None or ctx.backend is None:
+        batch = ctx.batches.get(name)
+        if batch is None:
             return None
         x = args[0] if args else kwargs["input"]
         y2d = output.view(-1, output.shape[-1])  # a view, so the in-place add reaches output

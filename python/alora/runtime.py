@@ -1,105 +1,50 @@
 """AdapterRuntime: serve many LoRA and aLoRA adapters on one Hugging Face causal LM.
 
-The Rust engine (`alora._core.Engine`) decides everything about memory and batching and
-hands back a StepPlan per forward pass; this module owns the tensors: it executes adapter
-page-ins and prefix copies, runs the model with the paged attention and the LoRA hooks,
-samples, and commits the sampled tokens back to the engine.
+The facade: it attaches to the model, loads adapters, validates and submits requests, and
+hands back results. The Rust engine (`alora._core.Engine`) decides everything about memory
+and batching; `EngineLoop` runs steps as transactions; `StepExecutor` is the only code that
+touches tensors for a step.
+
+Threading: every public method may be called from any thread. `generate`, `stream` and
+`stream_async` submit their requests and read their own outputs while one engine loop
+thread steps the model; `add_request` + `step` is the manual loop for callers that step
+themselves (one thread, and not while generate/stream are running).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import enum
-import json
-import math
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
-from alora import _core
-from alora.attention import (
-    StepContext,
-    build_attention_metadata,
-    install,
-    step_context,
-    uninstall,
-)
+from alora import _core, sizing
+from alora.attention import install, uninstall
 from alora.backend import LoraBackend, TorchBackend
+from alora.engine_loop import Channel, EngineLoop, Submission
+from alora.executor import StepExecutor
 from alora.kv_cache import PagedKVCache
-from alora.lora import AdapterEntry, AdapterPools, LoraHooks, build_lora_batches, segment_scale
+from alora.lora import AdapterEntry, AdapterPools, LoraHooks, segment_scale
 from alora.model import ModelGeometry, attention_module, decoder_layers, introspect
-from alora.sampling import SamplingParams, sample
+from alora.outputs import GenerationResult, StepOutput, StreamDelta
+from alora.prompts import (
+    Prompt,
+    as_adapter_list,
+    as_prompt_list,
+    config_json,
+    invocation_tokens,
+    prompt_ids,
+    state_dict_arrays,
+)
+from alora.sampling import LogitsProcessor, SamplingParams
 
-ChatMessages = Sequence[Mapping[str, Any]]
-Prompt = str | Sequence[int] | ChatMessages
+__all__ = ["AdapterRuntime", "GenerationResult", "StepOutput", "StreamDelta"]
 
-_CPU_KV_BYTES = 1 << 30  # default KV budget without a GPU
-_CPU_ADAPTER_BYTES = 1 << 30
-_MIN_BLOCKS = 4
-
-
-@dataclass
-class GenerationResult:
-    """A finished request."""
-
-    request_id: int
-    token_ids: list[int]  # generated tokens (a stop token that ended the request included)
-    finish_reason: str | None  # "stop", "length" or "abort"
-    prompt_tokens: int
-    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
-    computed_tokens: int  # tokens run through the model (recomputation included)
-    lora_tokens: int  # computed tokens that got LoRA compute
-    preemptions: int
-    time_to_first_token: float | None  # seconds from add_request to the first token
-    latency: float  # seconds from add_request to the end
-    adapter: str | None = None
-    text: str | None = None  # with a tokenizer
-    # float32 [V] per generated token, with return_logits
-    logits: list[torch.Tensor] | None = field(default=None, repr=False)
-    prompt_token_ids: list[int] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    """One request's progress in one step (what `step()` returns)."""
-
-    request_id: int
-    new_token: int | None
-    finished: bool
-    finish_reason: str | None
-    result: GenerationResult | None = None  # set when finished
-
-
-@dataclass(frozen=True)
-class StreamDelta:
-    """One new token of one of the prompts passed to `stream()`."""
-
-    index: int  # position of the prompt in the `prompts` argument
-    request_id: int
-    token_id: int | None  # None only for a request that finished without a new token
-    finished: bool
-    finish_reason: str | None
-    text: str | None = None  # decoded text of the token, with a tokenizer
-    result: GenerationResult | None = None  # set when finished
-
-
-@dataclass
-class _RequestState:
-    prompt: list[int]
-    adapter: str | None
-    params: SamplingParams
-    generator: torch.Generator | None
-    return_logits: bool
-    t_start: float
-    t_first: float | None = None
-    tokens: list[int] = field(default_factory=list)
-    logits: list[torch.Tensor] = field(default_factory=list)
+# How often a waiting caller checks that the engine loop is alive (it restarts it if not).
+_POLL_S = 0.5
 
 
 class AdapterRuntime:
@@ -153,9 +98,10 @@ class AdapterRuntime:
                 f"max_position_embeddings {geo.max_model_len}"
             )
         self.block_size = block_size
-
-        num_blocks = self._size_kv(kv_cache_blocks, kv_cache_memory, max_num_seqs)
-        rows = self._size_adapter_rows(adapter_rows, adapter_memory, page_rows)
+        num_blocks = sizing.kv_blocks(
+            geo, block_size, kv_cache_blocks, kv_cache_memory, max_num_seqs, self.max_model_len
+        )
+        rows = sizing.adapter_rows(geo, adapter_rows, adapter_memory, page_rows)
 
         self._engine = _core.Engine(
             num_layers=geo.num_layers,
@@ -168,8 +114,8 @@ class AdapterRuntime:
             max_model_len=self.max_model_len,
             page_rows=page_rows,
             enable_prefix_cache=enable_prefix_cache,
+            vocab_size=geo.vocab_size,
         )
-        self.backend: LoraBackend = lora_backend or _default_backend(self.device)
         self._cache = PagedKVCache(
             num_layers=geo.num_layers,
             num_blocks=num_blocks,
@@ -181,61 +127,35 @@ class AdapterRuntime:
         )
         self._pools = AdapterPools(geo, rows, self.dtype, self.device)
         self._entries: dict[int, AdapterEntry] = {}
-        self._requests: dict[int, _RequestState] = {}
         self._default_stop = _eos_ids(model, tokenizer)
 
         # Attach last, once everything that can fail has succeeded.
         layers = decoder_layers(model)
-        self._layer_of = {id(attention_module(layer)): i for i, layer in enumerate(layers)}
+        layer_of = {id(attention_module(layer)): i for i, layer in enumerate(layers)}
         self._original_attn = install(model.config)
         try:
             self._hooks = LoraHooks(self, layers, geo)
         except BaseException:
             uninstall(model.config, self._original_attn)
             raise
+        self._executor = StepExecutor(
+            owner=self,
+            model=model,
+            geometry=geo,
+            cache=self._cache,
+            pools=self._pools,
+            backend=lora_backend or _default_backend(self.device),
+            layer_of=layer_of,
+            block_size=block_size,
+        )
+        decode = None
+        if tokenizer is not None:
+
+            def decode(ids: list[int]) -> str:
+                return str(tokenizer.decode(ids, skip_special_tokens=True))
+
+        self._loop = EngineLoop(self._engine, self._executor, self._entries, decode)
         self._attached = True
-
-    # ---------------------------------------------------------------------------- sizing
-
-    def _size_kv(self, blocks: int | None, memory: int | None, max_num_seqs: int) -> int:
-        per_block = self.geometry.kv_bytes_per_block(self.block_size)
-        if blocks is not None:
-            if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-                raise ValueError(f"kv_cache_blocks must be a positive integer, got {blocks!r}")
-            return blocks
-        if memory is not None:
-            n = int(memory) // per_block
-            if n < 1:
-                raise ValueError(
-                    f"kv_cache_memory of {memory} bytes holds no KV block ({per_block} bytes each)"
-                )
-            return n
-        wanted = max_num_seqs * math.ceil(self.max_model_len / self.block_size)
-        budget = (
-            _free_cuda_memory(self.device) // 4 if self.device.type == "cuda" else _CPU_KV_BYTES
-        )
-        return max(min(wanted, budget // per_block), _MIN_BLOCKS)
-
-    def _size_adapter_rows(self, rows: int | None, memory: int | None, page_rows: int) -> int:
-        per_row = self.geometry.adapter_bytes_per_row()
-        if rows is not None:
-            if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-                raise ValueError(f"adapter_rows must be a positive integer, got {rows!r}")
-            return rows
-        if memory is not None:
-            n = int(memory) // per_row
-            if n < 1:
-                raise ValueError(
-                    f"adapter_memory of {memory} bytes holds no adapter row ({per_row} bytes each)"
-                )
-            return n
-        budget = (
-            _free_cuda_memory(self.device) // 10
-            if self.device.type == "cuda"
-            else _CPU_ADAPTER_BYTES
-        )
-        n = min(1024, budget // per_row)
-        return max(n // page_rows * page_rows, page_rows)
 
     # ---------------------------------------------------------------------------- adapters
 
@@ -257,58 +177,95 @@ class AdapterRuntime:
         """
         self._check_attached()
         if (path is None) == (state_dict is None):
-            raise ValueError("give either a path or a state_dict (with its config)")
+            raise _core.ConfigError("give either a path or a state_dict (with its config)")
         if path is not None:
             if config is not None:
-                raise ValueError("config goes with state_dict; a directory has its own")
-            path = Path(path).expanduser()
-            cfg_path = path / "adapter_config.json"
-            cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-            inv = self._invocation_tokens(cfg, invocation_tokens)
-            info = self._engine.load_adapter(name, str(path), inv)
-        else:
-            if config is None:
-                raise ValueError("a state_dict needs its config (LoraConfig, dict or JSON)")
-            cfg_json = _config_json(config)
-            inv = self._invocation_tokens(json.loads(cfg_json), invocation_tokens)
-            assert state_dict is not None
-            tensors = {k: _to_f32_numpy(v) for k, v in state_dict.items()}
-            info = self._engine.load_adapter_from_tensors(name, cfg_json, tensors, inv)
+                raise _core.ConfigError("config goes with state_dict; a directory has its own")
+            path = str(Path(path).expanduser())
+            inv = invocation_tokens
+            if inv is None:
+                inv = _invocation(self.tokenizer, path=path)
+            with self._loop.lock:
+                info = self._engine.load_adapter(name, path, inv)
+                self._register(info)
+            return info
+        if config is None:
+            raise _core.ConfigError("a state_dict needs its config (LoraConfig, dict or JSON)")
+        cfg = config_json(config)
+        inv = invocation_tokens
+        if inv is None:
+            inv = _invocation(self.tokenizer, config_json_text=cfg)
+        assert state_dict is not None
+        tensors = state_dict_arrays(state_dict)
+        with self._loop.lock:
+            info = self._engine.load_adapter_from_tensors(name, cfg, tensors, inv)
+            self._register(info)
+        return info
+
+    def _register(self, info: _core.AdapterInfo) -> None:
         self._entries[info.id] = AdapterEntry(
             info=info,
             seg_scale=segment_scale(info, self.geometry),
             targets=frozenset(info.target_modules),
         )
-        return info
-
-    def _invocation_tokens(
-        self, cfg: Mapping[str, Any], explicit: Sequence[int] | None
-    ) -> list[int] | None:
-        if explicit is not None:
-            return [int(t) for t in explicit]
-        if cfg.get("alora_invocation_tokens") or not cfg.get("invocation_string"):
-            return None
-        if self.tokenizer is None:
-            raise _core.ConfigError(
-                "the adapter's config gives only `invocation_string`: pass a tokenizer to "
-                "AdapterRuntime or invocation_tokens= to load_adapter"
-            )
-        ids = self.tokenizer(cfg["invocation_string"], add_special_tokens=False)["input_ids"]
-        return [int(t) for t in ids]
 
     def unload_adapter(self, name: str) -> None:
         """Remove an adapter; refused (AdapterBusyError) while requests use it."""
         self._check_attached()
-        info = self._engine.adapter(name)
-        self._engine.unload_adapter(name)
-        self._entries.pop(info.id, None)
+        with self._loop.lock:
+            info = self._engine.adapter(name)
+            self._engine.unload_adapter(name)
+            self._entries.pop(info.id, None)
 
     @property
     def adapters(self) -> dict[str, _core.AdapterInfo]:
         """Loaded adapters by name."""
-        return {e.info.name: e.info for e in self._entries.values()}
+        with self._loop.lock:
+            return {e.info.name: e.info for e in self._entries.values()}
 
     # ---------------------------------------------------------------------------- requests
+
+    def _submissions(
+        self,
+        prompts: Sequence[Prompt],
+        adapters: Sequence[str | None],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int | None,
+        stop_token_ids: Sequence[int] | None,
+        return_logits: bool,
+        logprobs: int | None,
+        logits_processors: Sequence[LogitsProcessor] | None,
+        add_special_tokens: bool | None,
+    ) -> list[Submission]:
+        """Everything the Python side validates, for every prompt, before anything is queued
+        (the core validates the rest, all or nothing, in `EngineLoop.submit`)."""
+        self._check_attached()
+        params = SamplingParams(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            logprobs=logprobs,
+            logits_processors=tuple(logits_processors or ()),
+        )
+        if not isinstance(return_logits, bool):
+            raise _core.InvalidRequestError(f"return_logits must be a bool, got {return_logits!r}")
+        stops = self._default_stop if stop_token_ids is None else stop_token_ids
+        return [
+            Submission(
+                ids=prompt_ids(p, self.tokenizer, add_special_tokens),
+                adapter=a,
+                max_new_tokens=max_new_tokens,
+                params=params,
+                stop_token_ids=stops,
+                return_logits=return_logits,
+            )
+            for p, a in zip(prompts, adapters, strict=True)
+        ]
 
     def add_request(
         self,
@@ -322,117 +279,45 @@ class AdapterRuntime:
         seed: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
         return_logits: bool = False,
+        logprobs: int | None = None,
+        logits_processors: Sequence[LogitsProcessor] | None = None,
+        add_special_tokens: bool | None = None,
     ) -> int:
-        """Queue one request; returns its id. Nothing is queued when an argument is invalid.
+        """Queue one request for the manual loop (`step()`); returns its id. Nothing is
+        queued when an argument is invalid (a typed `AloraError` names it).
 
         `stop_token_ids=None` stops on the model's EOS token(s); pass `()` to never stop early.
         """
-        self._check_attached()
-        params = _sampling_params(max_new_tokens, temperature, top_p, top_k, seed)
-        ids = self._prompt_ids(prompt)
-        return self._add(ids, adapter, max_new_tokens, params, stop_token_ids, return_logits)
-
-    def _add(
-        self,
-        ids: list[int],
-        adapter: str | None,
-        max_new_tokens: int,
-        params: SamplingParams,
-        stop_token_ids: Sequence[int] | None,
-        return_logits: bool,
-    ) -> int:
-        stops = self._default_stop if stop_token_ids is None else [int(t) for t in stop_token_ids]
-        rid = self._engine.add_request(
-            ids, adapter=adapter, max_new_tokens=max_new_tokens, stop_token_ids=stops
-        )
-        self._requests[rid] = _RequestState(
-            prompt=ids,
-            adapter=adapter,
-            params=params,
-            generator=params.make_generator(self.device),
+        (sub,) = self._submissions(
+            [prompt],
+            [adapter],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
             return_logits=return_logits,
-            t_start=time.perf_counter(),
+            logprobs=logprobs,
+            logits_processors=logits_processors,
+            add_special_tokens=add_special_tokens,
         )
-        return rid
+        return self._loop.submit([sub], None)[0]
 
     def abort(self, request_id: int) -> GenerationResult:
-        """Abort an unfinished request; its KV blocks are released at once."""
-        out = self._engine.abort(request_id)
-        return self._finish(out)
+        """Abort an unfinished request (from any thread); its KV blocks are released at once
+        and its stream, if any, ends with finish_reason "abort"."""
+        return self._loop.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return self._engine.has_unfinished()
+        with self._loop.lock:
+            return bool(self._engine.has_unfinished())
 
     def step(self) -> list[StepOutput]:
-        """Run one forward pass of the engine's next plan; [] when nothing is unfinished."""
+        """Run one step of the manual loop; [] when nothing is unfinished. If it raises, the
+        step was rolled back and its requests are queued again, intact."""
         self._check_attached()
-        plan = self._engine.schedule()
-        if plan is None:
-            return []
-        try:
-            logits = self._forward(plan)
-            seq_ids = plan.request_ids[plan.sample_seqs]
-            states = [self._requests[int(r)] for r in seq_ids]
-            sampled = sample(logits, [s.params for s in states], [s.generator for s in states])
-        except BaseException:
-            self._fail_step(plan)
-            raise
-        outputs = self._engine.commit(plan.step_id, sampled)
-        now = time.perf_counter()
-        row_of = {int(r): i for i, r in enumerate(seq_ids)}
-        results: list[StepOutput] = []
-        for out in outputs:
-            rid = out.request_id
-            state = self._requests.get(rid)
-            if state is None:
-                continue
-            if out.new_token is not None:
-                state.tokens.append(out.new_token)
-                if state.t_first is None:
-                    state.t_first = now
-                if state.return_logits:
-                    state.logits.append(logits[row_of[rid]].detach().to("cpu", torch.float32))
-            result = self._finish(out) if out.finished else None
-            results.append(StepOutput(rid, out.new_token, out.finished, out.finish_reason, result))
-        return results
-
-    def _fail_step(self, plan: _core.StepPlan) -> None:
-        """A forward pass failed: drop the plan's requests and close the step, so that the
-        engine releases their blocks and pins and stays usable."""
-        # Cleanup errors are suppressed so that the forward pass's exception propagates.
-        for rid in {int(r) for r in plan.request_ids}:
-            if rid in self._requests:
-                with contextlib.suppress(_core.AloraError):
-                    self._engine.abort(rid)
-                self._requests.pop(rid, None)
-        with contextlib.suppress(_core.AloraError):
-            self._engine.commit(plan.step_id, [0] * len(plan.sample_seqs))
-
-    def _finish(self, out: _core.RequestOutput) -> GenerationResult:
-        state = self._requests.pop(out.request_id, None)
-        now = time.perf_counter()
-        tokens = list(out.output_tokens)
-        text = None
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return GenerationResult(
-            request_id=out.request_id,
-            token_ids=tokens,
-            finish_reason=out.finish_reason,
-            prompt_tokens=out.prompt_tokens,
-            cached_tokens=out.cached_tokens,
-            computed_tokens=out.computed_tokens,
-            lora_tokens=out.lora_tokens,
-            preemptions=out.preemptions,
-            time_to_first_token=(
-                state.t_first - state.t_start if state and state.t_first is not None else None
-            ),
-            latency=now - state.t_start if state else 0.0,
-            adapter=state.adapter if state else None,
-            text=text,
-            logits=state.logits if state and state.return_logits else None,
-            prompt_token_ids=list(state.prompt) if state else [],
-        )
+        return self._loop.step(manual=True)
 
     # ---------------------------------------------------------------------------- generate
 
@@ -448,10 +333,16 @@ class AdapterRuntime:
         seed: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
         return_logits: bool = False,
+        logprobs: int | None = None,
+        logits_processors: Sequence[LogitsProcessor] | None = None,
+        add_special_tokens: bool | None = None,
     ) -> list[GenerationResult]:
         """Generate for every prompt (token ids, a string, or chat messages), with the same
-        adapter or one per prompt (None = base model). Results in the order of the prompts."""
-        results: list[GenerationResult | None] = []
+        adapter or one per prompt (None = base model). Results in the order of the prompts.
+
+        A request that fails alone (e.g. its logits processor raised) has finish_reason
+        "error" and its cause in `error`; the others are unaffected."""
+        results: dict[int, GenerationResult] = {}
         for delta in self.stream(
             prompts,
             adapter,
@@ -462,13 +353,46 @@ class AdapterRuntime:
             seed=seed,
             stop_token_ids=stop_token_ids,
             return_logits=return_logits,
+            logprobs=logprobs,
+            logits_processors=logits_processors,
+            add_special_tokens=add_special_tokens,
         ):
-            if delta.finished:
-                while len(results) <= delta.index:
-                    results.append(None)
+            if delta.finished and delta.result is not None:
                 results[delta.index] = delta.result
-        assert all(r is not None for r in results)
-        return [r for r in results if r is not None]
+        return [results[i] for i in range(len(results))]
+
+    def _start(
+        self, prompts: Prompt | Sequence[Prompt], adapter: Any, channel: Channel, kw: Any
+    ) -> dict[int, int]:
+        prompt_list = as_prompt_list(prompts)
+        if not prompt_list:
+            return {}
+        adapters = as_adapter_list(adapter, len(prompt_list))
+        subs = self._submissions(prompt_list, adapters, **kw)
+        rids = self._loop.submit(subs, channel)
+        self._loop.ensure_running()
+        return {rid: i for i, rid in enumerate(rids)}
+
+    def _delta(self, index_of: dict[int, int], out: StepOutput) -> StreamDelta:
+        text = None
+        if self.tokenizer is not None and out.new_token is not None:
+            text = self.tokenizer.decode([out.new_token])
+        return StreamDelta(
+            index=index_of[out.request_id],
+            request_id=out.request_id,
+            token_id=out.new_token,
+            finished=out.finished,
+            finish_reason=out.finish_reason,
+            text=text,
+            result=out.result,
+            logprob=out.logprob,
+            top_logprobs=out.top_logprobs,
+        )
+
+    def _abort_pending(self, pending: set[int]) -> None:
+        for rid in pending:
+            with contextlib.suppress(_core.UnknownRequestError):
+                self._loop.abort(rid)
 
     def stream(
         self,
@@ -482,159 +406,117 @@ class AdapterRuntime:
         seed: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
         return_logits: bool = False,
+        logprobs: int | None = None,
+        logits_processors: Sequence[LogitsProcessor] | None = None,
+        add_special_tokens: bool | None = None,
     ) -> Iterator[StreamDelta]:
-        """Like `generate`, but yields each new token as it is sampled. Closing the iterator
-        early aborts the prompts' unfinished requests."""
-        self._check_attached()
-        prompt_list = _as_prompt_list(prompts)
-        if not prompt_list:
-            return
-        adapters = _as_adapter_list(adapter, len(prompt_list))
-        params = _sampling_params(max_new_tokens, temperature, top_p, top_k, seed)
-        # Validate and tokenize everything before queueing anything.
-        id_lists = [self._prompt_ids(p) for p in prompt_list]
-        for a in adapters:
-            if a is not None:
-                self._engine.adapter(a)
-        index_of: dict[int, int] = {}
+        """Like `generate`, but yields each new token as it is sampled. Every argument is
+        validated before the first delta; closing the iterator early aborts the prompts'
+        unfinished requests."""
+        kw = dict(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+            return_logits=return_logits,
+            logprobs=logprobs,
+            logits_processors=logits_processors,
+            add_special_tokens=add_special_tokens,
+        )
+        channel = Channel()
+        index_of = self._start(prompts, adapter, channel, kw)
+        return self._stream(index_of, channel)
+
+    def _stream(self, index_of: dict[int, int], channel: Channel) -> Iterator[StreamDelta]:
+        pending = set(index_of)
         try:
-            for i, (ids, a) in enumerate(zip(id_lists, adapters, strict=True)):
-                # Distinct seeds per prompt, so a batch does not sample identical streams.
-                p = params if seed is None or i == 0 else _reseed(params, seed + i)
-                rid = self._add(ids, a, max_new_tokens, p, stop_token_ids, return_logits)
-                index_of[rid] = i
-            pending = set(index_of)
             while pending:
-                outputs = self.step()
-                if not outputs and not self._engine.has_unfinished():
-                    raise _core.StepError("engine went idle with requests unfinished")
-                for out in outputs:
-                    if out.request_id not in pending:
-                        continue
-                    if out.finished:
-                        pending.discard(out.request_id)
-                    text = None
-                    if self.tokenizer is not None and out.new_token is not None:
-                        text = self.tokenizer.decode([out.new_token])
-                    yield StreamDelta(
-                        index=index_of[out.request_id],
-                        request_id=out.request_id,
-                        token_id=out.new_token,
-                        finished=out.finished,
-                        finish_reason=out.finish_reason,
-                        text=text,
-                        result=out.result,
-                    )
+                out = channel.get(timeout=_POLL_S)
+                if out is None:
+                    self._loop.ensure_running()
+                    continue
+                if out.request_id not in pending:
+                    continue
+                if out.finished:
+                    pending.discard(out.request_id)
+                yield self._delta(index_of, out)
         finally:
-            for rid in index_of:
-                if rid in self._requests:
-                    try:
-                        self.abort(rid)
-                    except _core.UnknownRequestError:
-                        self._requests.pop(rid, None)
+            self._abort_pending(pending)
 
-    # ---------------------------------------------------------------------------- forward
-
-    @torch.inference_mode()
-    def _forward(self, plan: _core.StepPlan) -> torch.Tensor:
-        """Run the model on the plan's tokens; float32 logits [N, V] at `sample_indices`."""
-        dev = self.device
-        for adapter_id, rows in plan.adapter_loads:
-            self._pools.load(self._entries[int(adapter_id)], rows)
-        if len(plan.copy_src):
-            self._cache.copy_prefixes(
-                torch.from_numpy(np.asarray(plan.copy_src)),
-                torch.from_numpy(np.asarray(plan.copy_dst)),
-                torch.from_numpy(np.asarray(plan.copy_len)),
-            )
-        attn = build_attention_metadata(
-            positions=plan.positions,
-            query_start=plan.query_start,
-            context_lens=plan.context_lens,
-            block_tables=plan.block_tables,
-            slot_mapping=plan.slot_mapping,
-            block_size=self.block_size,
-            device=dev,
+    async def stream_async(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        adapter: str | Sequence[str | None] | None = None,
+        *,
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        return_logits: bool = False,
+        logprobs: int | None = None,
+        logits_processors: Sequence[LogitsProcessor] | None = None,
+        add_special_tokens: bool | None = None,
+    ) -> AsyncIterator[StreamDelta]:
+        """`stream` for asyncio: `async for delta in rt.stream_async(...)`. Validation errors
+        raise at the first `__anext__`, before anything is queued. Leaving the loop early or
+        cancelling the consuming task aborts the unfinished requests at once."""
+        kw = dict(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+            return_logits=return_logits,
+            logprobs=logprobs,
+            logits_processors=logits_processors,
+            add_special_tokens=add_special_tokens,
         )
-        lora = build_lora_batches(
-            sorted_token_idx=plan.sorted_token_idx,
-            segment_start=plan.segment_start,
-            segment_adapter=plan.segment_adapter,
-            adapter_rank=plan.adapter_rank,
-            adapter_row_start=plan.adapter_row_start,
-            adapter_rows=plan.adapter_rows,
-            entries=self._entries,
-            module_names=[m.name for m in self.geometry.modules],
-            device=dev,
-        )
-        ctx = StepContext(
-            owner=self,
-            cache=self._cache,
-            attn=attn,
-            layer_of=self._layer_of,
-            lora=lora,
-            pools=self._pools,
-            backend=self.backend,
-        )
-        input_ids = torch.from_numpy(np.asarray(plan.input_ids, dtype=np.int64)).to(dev)
-        positions = torch.from_numpy(np.asarray(plan.positions, dtype=np.int64)).to(dev)
-        keep = torch.from_numpy(np.asarray(plan.sample_indices, dtype=np.int64)).to(dev)
-        with step_context(ctx):
-            out = self.model(
-                input_ids=input_ids[None],
-                position_ids=positions[None],
-                use_cache=False,
-                logits_to_keep=keep,
-            )
-        return out.logits[0].float()
+        channel = Channel(asyncio.get_running_loop())
+        index_of = self._start(prompts, adapter, channel, kw)
+        pending = set(index_of)
+        try:
+            while pending:
+                out = await channel.aget()
+                if out.request_id not in pending:
+                    continue
+                if out.finished:
+                    pending.discard(out.request_id)
+                yield self._delta(index_of, out)
+        finally:
+            self._abort_pending(pending)
 
     # ---------------------------------------------------------------------------- misc
 
-    def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("string prompts need a tokenizer; pass token ids instead")
-            ids = self.tokenizer(prompt)["input_ids"]
-        elif _is_chat(prompt):
-            if self.tokenizer is None:
-                raise ValueError("chat prompts need a tokenizer with a chat template")
-            ids = self.tokenizer.apply_chat_template(
-                list(prompt), add_generation_prompt=True, tokenize=True
-            )
-            if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-        else:
-            ids = list(prompt)  # type: ignore[arg-type]
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        if not ids:
-            raise _core.InvalidRequestError("empty prompt: a request needs at least one token")
-        # Vectorised: a per-token Python check costs milliseconds on long conversations.
-        if not isinstance(ids, np.ndarray) and not _all_int_types(ids):
-            raise ValueError("prompt token ids must be integers")
-        try:
-            arr = np.asarray(ids, dtype=np.int64)
-        except OverflowError:
-            raise _core.InvalidRequestError("prompt token id out of the int64 range") from None
-        if arr.ndim != 1:
-            raise ValueError(f"prompt token ids must be a flat sequence, got shape {arr.shape}")
-        vocab = self.geometry.vocab_size
-        bad = (arr < 0) | (arr >= vocab)
-        if bad.any():
-            t = int(arr[int(bad.argmax())])
-            raise _core.InvalidRequestError(f"token id {t} is outside the vocabulary [0, {vocab})")
-        return arr.tolist()
-
     def stats(self) -> dict[str, int]:
         """The engine's counters (free/used/total blocks, running, waiting, ...)."""
-        return dict(self._engine.stats())
+        with self._loop.lock:
+            return dict(self._engine.stats())
 
     def reset_prefix_cache(self) -> None:
-        self._engine.reset_prefix_cache()
+        with self._loop.lock:
+            self._engine.reset_prefix_cache()
+
+    @property
+    def backend(self) -> LoraBackend:
+        return self._executor.backend
+
+    @backend.setter
+    def backend(self, value: LoraBackend) -> None:
+        self._executor.backend = value
 
     @property
     def engine(self) -> _core.Engine:
+        """The Rust engine (for inspection; use the runtime's methods to change it)."""
         return self._engine
+
+    @property
+    def engine_loop(self) -> EngineLoop:
+        return self._loop
 
     @property
     def kv_cache(self) -> PagedKVCache:
@@ -659,18 +541,20 @@ class AdapterRuntime:
             raise RuntimeError("this runtime was detached from its model")
 
     def detach(self) -> None:
-        """Abort every request and restore the model exactly as it was. Idempotent."""
+        """Abort every request, stop the engine loop and restore the model exactly as it
+        was. Idempotent."""
         if not self._attached:
             return
-        for rid in list(self._requests):
-            with contextlib.suppress(_core.UnknownRequestError):
-                self._engine.abort(rid)
-        self._requests.clear()
+        self._loop.close()
         self._hooks.remove()
         uninstall(self.model.config, self._original_attn)
         self._attached = False
         # Release device memory now rather than whenever the runtime is collected.
         del self._cache, self._pools
+        self._executor.cache = None  # type: ignore[assignment]
+        self._executor.pools = None  # type: ignore[assignment]
+
+    close = detach
 
     def __enter__(self) -> AdapterRuntime:
         return self
@@ -682,18 +566,19 @@ class AdapterRuntime:
 # -------------------------------------------------------------------------------- helpers
 
 
-def _default_backend(device: torch.device) -> LoraBackend:
+def _invocation(
+    tokenizer: Any | None, *, path: str | None = None, config_json_text: str | None = None
+) -> list[int] | None:
+    return invocation_tokens(tokenizer, path=path, config_json_text=config_json_text)
+
+
+def _default_backend(device: Any) -> LoraBackend:
     try:
         from alora.kernels import default_backend
     except ImportError:
         return TorchBackend()
     backend = default_backend(device)
     return backend if backend is not None else TorchBackend()
-
-
-def _free_cuda_memory(device: torch.device) -> int:
-    free, _total = torch.cuda.mem_get_info(device)
-    return int(free)
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any | None) -> list[int]:
@@ -708,94 +593,3 @@ def _eos_ids(model: nn.Module, tokenizer: Any | None) -> list[int]:
     if eos is None:
         return []
     return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
-
-
-def _sampling_params(
-    max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None
-) -> SamplingParams:
-    n = max_new_tokens
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-
-
-def _reseed(params: SamplingParams, seed: int) -> SamplingParams:
-    return SamplingParams(params.temperature, params.top_p, params.top_k, seed)
-
-
-def _is_chat(prompt: Any) -> bool:
-    return (
-        isinstance(prompt, Sequence)
-        and not isinstance(prompt, str)
-        and len(prompt) > 0
-        and all(isinstance(m, Mapping) for m in prompt)
-    )
-
-
-def _is_token_list(prompt: Any) -> bool:
-    return (
-        isinstance(prompt, (Sequence, np.ndarray, torch.Tensor))
-        and not isinstance(prompt, str)
-        and len(prompt) > 0
-        and (
-            prompt.ndim == 1 and prompt.dtype.kind in "iu"
-            if isinstance(prompt, np.ndarray)
-            else _all_int_types(prompt)
-        )
-    )
-
-
-def _all_int_types(values: Any) -> bool:
-    """Every element an integer (bools excluded), checked per distinct type, not per element."""
-    types = set(map(type, values))
-    return all(issubclass(t, (int, np.integer)) and t is not bool for t in types)
-
-
-def _as_prompt_list(prompts: Any) -> list[Prompt]:
-    """A single prompt (string, token ids, chat) or a list of them -> a list of prompts."""
-    if isinstance(prompts, torch.Tensor):
-        prompts = prompts.tolist()
-    if isinstance(prompts, str) or _is_token_list(prompts) or _is_chat(prompts):
-        return [prompts]
-    if isinstance(prompts, Sequence):
-        return list(prompts)
-    raise TypeError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
-
-
-def _as_adapter_list(adapter: Any, n: int) -> list[str | None]:
-    if adapter is None or isinstance(adapter, str):
-        return [adapter] * n
-    adapters = list(adapter)
-    if len(adapters) != n:
-        raise ValueError(f"{len(adapters)} adapters for {n} prompts")
-    for a in adapters:
-        if a is not None and not isinstance(a, str):
-            raise TypeError(f"adapter names must be strings or None, got {a!r}")
-    return adapters
-
-
-def _config_json(config: Any) -> str:
-    if isinstance(config, str):
-        json.loads(config)  # a clear JSON error here rather than in the engine
-        return config
-    if isinstance(config, Mapping):
-        data = dict(config)
-    elif hasattr(config, "to_dict"):
-        data = config.to_dict()
-    else:
-        raise TypeError(f"config must be a LoraConfig, a dict or a JSON string, not {config!r}")
-    return json.dumps(data, default=_json_default)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    raise TypeError(f"cannot serialize {type(obj).__name__} in an adapter config")
-
-
-def _to_f32_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", torch.float32).contiguous().numpy()
-    return np.ascontiguousarray(np.asarray(value, dtype=np.float32))

@@ -271,6 +271,14 @@ impl Engine {
             ("waiting", s.num_waiting() as u64),
             ("loaded_adapters", self.registry.len() as u64),
             ("resident_adapters", s.rows.num_resident() as u64),
+            (
+                "pinned_adapters",
+                s.rows
+                    .resident()
+                    .into_iter()
+                    .filter(|&a| s.rows.pin_count(a) > 0)
+                    .count() as u64,
+            ),
             ("free_adapter_rows", s.rows.free_rows() as u64),
             ("total_adapter_rows", s.rows.total_rows() as u64),
             ("prefix_query_tokens", st.prefix_query_tokens),

@@ -8,9 +8,9 @@ use alora_core::adapters::{AdapterConfig, ModelSpec, ModuleSpec, TensorInput};
 use alora_core::engine::{Engine, RequestParams};
 use alora_core::scheduler::SchedulerConfig;
 use alora_core::Error;
-use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyInt};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyString};
 
 use crate::adapter::PyAdapterInfo;
 use crate::errors::{to_py, IntoPyResult};
@@ -27,21 +27,38 @@ fn invalid(detail: String) -> PyErr {
     to_py(Error::InvalidRequest(detail))
 }
 
-/// Token ids from any Python sequence of integers; anything else is an
-/// `InvalidRequestError` naming the argument and the first bad element.
+/// Token ids from any Python sequence of integers (or a 1-D integer numpy array); anything
+/// else is an `InvalidRequestError` naming the argument and the first bad element. Bools are
+/// refused although Python counts them as integers.
 fn token_ids(what: &str, ids: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
-    if let Ok(v) = ids.extract::<Vec<u32>>() {
-        if !ids.is_instance_of::<pyo3::types::PyString>() {
-            return Ok(v);
-        }
+    if let Ok(arr) = ids.extract::<PyReadonlyArray1<'_, i64>>() {
+        return arr
+            .as_array()
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                u32::try_from(t)
+                    .map_err(|_| invalid(format!("{what}[{i}] is {t}, not a valid token id")))
+            })
+            .collect();
+    }
+    if ids.is_instance_of::<PyString>() || ids.is_instance_of::<PyBytes>() {
+        return Err(invalid(format!(
+            "{what} must be a sequence of token ids, not a string"
+        )));
     }
     let items = ids
         .try_iter()
         .map_err(|_| invalid(format!("{what} must be a sequence of token ids")))?;
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(ids.len().unwrap_or(0));
     for (i, item) in items.enumerate() {
         let item = item?;
-        if item.is_instance_of::<PyBool>() || !item.is_instance_of::<PyInt>() {
+        // Exact ints take the fast path; numpy integers and other int subclasses are checked.
+        let int_like = item.is_exact_instance_of::<PyInt>()
+            || (!item.is_instance_of::<PyBool>()
+                && !item.is_instance_of::<PyFloat>()
+                && item.hasattr("__index__")?);
+        if !int_like {
             return Err(invalid(format!(
                 "{what}[{i}] must be an integer token id, got {} {}",
                 item.get_type().name()?,
