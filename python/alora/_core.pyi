@@ -32,6 +32,10 @@ def kernel_sources() -> dict[str, str]:
 def activation_start(tokens: Sequence[int], invocation: Sequence[int]) -> int | None:
     """First index of the last occurrence of `invocation` in `tokens`, or None."""
 
+def base_prefix_hashes(tokens: Sequence[int], block_size: int) -> list[int]:
+    """Chained base-key hashes (64-bit) of the full blocks of `tokens`: compare with
+    `Engine.cached_base_hashes()` to count a request's leading blocks a replica has cached."""
+
 def untokenized_invocation(
     *, path: str | None = None, config_json: str | None = None
 ) -> str | None:
@@ -194,4 +198,7 @@ class Engine:
         """Counters: free_blocks, total_blocks, cached_blocks, used_blocks, running, waiting,
         loaded_adapters, resident_adapters, pinned_adapters, free_adapter_rows, total_adapter_rows, prefix_queries_tokens,
         prefix_hit_tokens, preemptions, adapter_loads, adapter_evictions, steps."""
+    def cached_base_hashes(self) -> list[int]:
+        """64-bit chained hashes of every full block cached with the base key (the prefix
+        summary a router compares with `base_prefix_hashes`)."""
     def reset_prefix_cache(self) -> None: ...

@@ -497,6 +497,13 @@ class AdapterRuntime:
         with self._loop.lock:
             return dict(self._engine.stats())
 
+    def cached_prefix_hashes(self) -> list[int]:
+        """The prefix summary of this runtime's KV cache: 64-bit chained hashes of its cached
+        base-model blocks. A router compares it with `alora._core.base_prefix_hashes(tokens,
+        rt.block_size)` of a request to count the leading blocks cached here."""
+        with self._loop.lock:
+            return list(self._engine.cached_base_hashes())
+
     def reset_prefix_cache(self) -> None:
         with self._loop.lock:
             self._engine.reset_prefix_cache()

@@ -253,6 +253,11 @@ impl Engine {
         self.scheduler.has_unfinished()
     }
 
+    /// The prefix summary of this engine's cache (see [`crate::kv::base_prefix_hashes`]).
+    pub fn cached_base_hashes(&self) -> Vec<u64> {
+        self.scheduler.kv.pool.base_hashes()
+    }
+
     pub fn reset_prefix_cache(&mut self) {
         self.scheduler.reset_prefix_cache();
     }

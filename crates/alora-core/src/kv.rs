@@ -6,5 +6,5 @@ pub mod hash;
 pub mod manager;
 
 pub use block_pool::{BlockId, BlockPool};
-pub use hash::{block_key, hash_block, AdapterKey, BlockHash, ROOT_HASH};
+pub use hash::{base_prefix_hashes, block_key, hash_block, AdapterKey, BlockHash, ROOT_HASH};
 pub use manager::{BlockCopy, KvManager, PrefixMatch, SeqKv};

@@ -676,3 +676,31 @@ fn huge_max_new_tokens_does_not_wrap_the_capacity_check() {
     // 64 tokens of max_model_len need 16 blocks of 4; the pool has 8.
     assert!(matches!(id, alora_core::Error::Capacity(_)), "{id}");
 }
+
+/// The prefix summary: after a base request, the engine's cached base hashes contain exactly
+/// the leading full blocks that `base_prefix_hashes` computes for its tokens, and an aLoRA
+/// call on that conversation shares them.
+#[test]
+fn prefix_summary_matches_request_hashes() {
+    let mut e = engine(32, 64, 4, 8, true);
+    let mut sim = Sim::new(32);
+    let conv: Vec<u32> = (0..11).map(|i| i % 4).collect(); // 2 full blocks + 3
+    add(
+        &mut e,
+        &mut sim,
+        &Req {
+            prompt: conv.clone(),
+            adapter: None,
+            max_new: 1,
+        },
+    );
+    while step(&mut e, &mut sim).unwrap() {}
+    let cached: std::collections::HashSet<u64> = e.cached_base_hashes().into_iter().collect();
+    let mut call = conv.clone();
+    call.extend(INVOCATION);
+    let want = alora_core::kv::base_prefix_hashes(&call, BS);
+    assert_eq!(want.len(), 3);
+    assert!(cached.contains(&want[0]) && cached.contains(&want[1]));
+    assert!(!cached.contains(&want[2])); // the third block was never full
+    assert_eq!(cached.len(), 2);
+}

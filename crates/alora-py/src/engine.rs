@@ -319,6 +319,10 @@ impl PyEngine {
         Ok(d)
     }
 
+    fn cached_base_hashes(&self) -> Vec<u64> {
+        self.inner.cached_base_hashes()
+    }
+
     fn reset_prefix_cache(&mut self) {
         self.inner.reset_prefix_cache();
     }

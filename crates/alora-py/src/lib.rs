@@ -55,6 +55,18 @@ fn untokenized_invocation(
     Ok(config.untokenized_invocation().map(str::to_owned))
 }
 
+/// Chained base-key hashes (64-bit) of the full blocks of `tokens`: compare with
+/// `Engine.cached_base_hashes()` to count a request's leading blocks a replica has cached.
+#[pyfunction]
+fn base_prefix_hashes(tokens: Vec<u32>, block_size: usize) -> PyResult<Vec<u64>> {
+    if block_size == 0 {
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "block_size must be at least 1",
+        ));
+    }
+    Ok(alora_core::kv::base_prefix_hashes(&tokens, block_size))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -62,6 +74,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernel_sources, m)?)?;
     m.add_function(wrap_pyfunction!(activation_start, m)?)?;
     m.add_function(wrap_pyfunction!(untokenized_invocation, m)?)?;
+    m.add_function(wrap_pyfunction!(base_prefix_hashes, m)?)?;
     m.add_class::<engine::PyEngine>()?;
     m.add_class::<adapter::PyAdapterInfo>()?;
     m.add_class::<plan::PyStepPlan>()?;

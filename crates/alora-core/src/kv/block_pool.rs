@@ -79,6 +79,21 @@ impl BlockPool {
     pub fn num_cached(&self) -> usize {
         self.num_cached
     }
+    /// Chained hashes (truncated to 64 bits) of every full block cached with the base key:
+    /// the compact prefix summary a router compares with [`super::hash::base_prefix_hashes`].
+    pub fn base_hashes(&self) -> Vec<u64> {
+        self.full
+            .iter()
+            .filter(|(_, &id)| {
+                self.blocks[id as usize]
+                    .content
+                    .as_ref()
+                    .is_some_and(|c| c.key.is_none())
+            })
+            .map(|(&h, _)| h as u64)
+            .collect()
+    }
+
     pub fn ref_cnt(&self, id: BlockId) -> u32 {
         self.blocks[id as usize].ref_cnt
     }

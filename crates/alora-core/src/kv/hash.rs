@@ -55,6 +55,21 @@ pub fn hash_block(parent: BlockHash, key: Option<AdapterKey>, tokens: &[u32]) ->
     h.digest128()
 }
 
+/// Chained base-key hashes (truncated to 64 bits) of the full blocks of `tokens`, as the
+/// cache stores them for computation with base weights: a router holding a replica's
+/// [`BlockPool::base_hashes`](super::block_pool::BlockPool::base_hashes) counts how many
+/// leading blocks of a request that replica has cached.
+pub fn base_prefix_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
+    let mut parent = ROOT_HASH;
+    tokens
+        .chunks_exact(block_size.max(1))
+        .map(|chunk| {
+            parent = hash_block(parent, None, chunk);
+            parent as u64
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
