@@ -308,6 +308,30 @@ def test_disconnect_mid_stream_aborts(slow: tuple[FakeRuntime, str]) -> None:
     _wait(lambda: rt.stats()["running"] == 0 and rt.stats()["used_blocks"] == 0)
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [{"n": 3}, {"n": 2, "structured_outputs": {"regex": "[a-z ]+"}}],
+    ids=["n", "n+grammar"],
+)
+def test_disconnect_aborts_every_sequence(extra: dict) -> None:
+    rt = FakeRuntime(delay=0.01)
+    app = create_app(rt, ServerConfig(model_name="base"), own_runtime=False)
+    body = {
+        "model": "base",
+        "prompt": "hello",
+        "max_tokens": 200,
+        "stream": True,
+        "ignore_eos": True,
+        **extra,
+    }
+    with serve_in_thread(app) as url:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            _wait(lambda: rt.stats()["running"] == extra["n"])  # the followers started
+        _wait(lambda: rt.stats()["running"] == 0 and rt.stats()["used_blocks"] == 0)
+
+
 def test_disconnect_during_non_streaming_request_aborts(slow: tuple[FakeRuntime, str]) -> None:
     rt, url = slow
     body = {"model": "base", "prompt": "hello", "max_tokens": 200, "ignore_eos": True}
