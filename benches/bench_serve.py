@@ -54,6 +54,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (both runs)")
     ap.add_argument("--kv-cache-memory", default="1GiB")
     ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--alone", type=int, default=2, help="conversations run one at a time")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each mode")
     ap.add_argument("--quick", action="store_true", help="tiny model, small workload")
     ap.add_argument("--out", default="serve", help="result name in benches/results")
@@ -61,6 +62,7 @@ def parse() -> argparse.Namespace:
     if args.quick:
         args.tiny = True
         args.conversations, args.turns, args.base_tokens, args.repeats = 4, 2, 8, 1
+        args.alone = 1
         args.out = "serve_quick"
     return args
 
@@ -176,12 +178,17 @@ async def inprocess_conversation(
     return transcript
 
 
-async def inprocess(rt: Any, tok: Any, args: argparse.Namespace, convs: range) -> Run:
+async def inprocess(
+    rt: Any, tok: Any, args: argparse.Namespace, convs: range, concurrent: bool = True
+) -> Run:
     run = Run()
     t0 = time.perf_counter()
-    run.transcripts = list(
-        await asyncio.gather(*(inprocess_conversation(rt, tok, args, c, run) for c in convs))
-    )
+    if concurrent:
+        run.transcripts = list(
+            await asyncio.gather(*(inprocess_conversation(rt, tok, args, c, run) for c in convs))
+        )
+    else:
+        run.transcripts = [await inprocess_conversation(rt, tok, args, c, run) for c in convs]
     run.wall = time.perf_counter() - t0
     return run
 
@@ -243,7 +250,9 @@ async def http_conversation(
     return transcript
 
 
-async def over_http(url: str, model: str, args: argparse.Namespace, convs: range) -> Run:
+async def over_http(
+    url: str, model: str, args: argparse.Namespace, convs: range, concurrent: bool = True
+) -> Run:
     import httpx
 
     run = Run()
@@ -251,11 +260,16 @@ async def over_http(url: str, model: str, args: argparse.Namespace, convs: range
     limits = httpx.Limits(max_connections=4 * n, max_keepalive_connections=4 * n)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         t0 = time.perf_counter()
-        run.transcripts = list(
-            await asyncio.gather(
-                *(http_conversation(client, url, model, args, c, run) for c in convs)
+        if concurrent:
+            run.transcripts = list(
+                await asyncio.gather(
+                    *(http_conversation(client, url, model, args, c, run) for c in convs)
+                )
             )
-        )
+        else:
+            run.transcripts = [
+                await http_conversation(client, url, model, args, c, run) for c in convs
+            ]
         run.wall = time.perf_counter() - t0
     return run
 
@@ -341,24 +355,34 @@ def main() -> None:
         rt.load_adapter(INTRINSIC, adapter)
         return rt
 
-    runs: dict[str, list[Run]] = {"in-process": [], "server": []}
+    modes = ("in-process", "server")
+    phases = ("load", "alone")
+    runs: dict[str, dict[str, list[Run]]] = {m: {p: [] for p in phases} for m in modes}
     # Both modes warm up on a conversation that the measured workload never repeats, so
-    # both start with the same cache: the chat template's shared prefix only.
-    warm, convs = range(10**6, 10**6 + 1), range(n)
+    # both start with the same cache: the chat template's shared prefix only. "load": n
+    # concurrent conversations (throughput); "alone": conversations one at a time, where
+    # time to first token is the request's own cost and not where it lands among the
+    # steps of others.
+    warm = range(10**6, 10**6 + 1)
+    convs = {"load": range(n), "alone": range(n, n + args.alone)}
     warm_args = argparse.Namespace(**{**vars(args), "turns": 1})
     for rep in range(args.repeats):
         rt = fresh_runtime()
         asyncio.run(inprocess(rt, tok, warm_args, warm))
-        runs["in-process"].append(asyncio.run(inprocess(rt, tok, args, convs)))
+        for phase in phases:
+            run = inprocess(rt, tok, args, convs[phase], concurrent=phase == "load")
+            runs["in-process"][phase].append(asyncio.run(run))
         rt.detach()
         proc, url, base = start_server(args, adapter)
         try:
             asyncio.run(over_http(url, base, warm_args, warm))
-            runs["server"].append(asyncio.run(over_http(url, base, args, convs)))
+            for phase in phases:
+                run = over_http(url, base, args, convs[phase], concurrent=phase == "load")
+                runs["server"][phase].append(asyncio.run(run))
         finally:
             proc.terminate()
             proc.wait(60)
-        ip, sv = runs["in-process"][-1].summary(), runs["server"][-1].summary()
+        ip, sv = runs["in-process"]["load"][-1].summary(), runs["server"]["load"][-1].summary()
         print(
             f"repeat {rep}: in-process {ip['throughput_tok_s']:.1f} tok/s, "
             f"server {sv['throughput_tok_s']:.1f} tok/s"
@@ -366,23 +390,29 @@ def main() -> None:
 
     same = all(
         a.transcripts == b.transcripts
-        for a, b in zip(runs["in-process"], runs["server"], strict=True)
+        for p in phases
+        for a, b in zip(runs["in-process"][p], runs["server"][p], strict=True)
     )
-    summary = {mode: [r.summary() for r in rs] for mode, rs in runs.items()}
-    best = {mode: max(s, key=lambda x: x["throughput_tok_s"]) for mode, s in summary.items()}
+    summary = {m: {p: [r.summary() for r in runs[m][p]] for p in phases} for m in modes}
     med = {
-        mode: {k: statistics.median(x[k] for x in s) for k in s[0]} for mode, s in summary.items()
+        m: {p: {k: statistics.median(x[k] for x in s) for k in s[0]} for p, s in ph.items()}
+        for m, ph in summary.items()
     }
     ip, sv = med["in-process"], med["server"]
     overhead = {
-        "throughput_cost": 1 - sv["throughput_tok_s"] / ip["throughput_tok_s"],
-        "base_ttft_p50_delta_ms": sv["base_ttft_p50_ms"] - ip["base_ttft_p50_ms"],
-        "intrinsic_ttft_p50_delta_ms": sv["intrinsic_ttft_p50_ms"] - ip["intrinsic_ttft_p50_ms"],
+        "throughput_cost": 1 - sv["load"]["throughput_tok_s"] / ip["load"]["throughput_tok_s"],
+        **{
+            f"{kind}_ttft_p50_delta_ms_{phase}": sv[phase][f"{kind}_ttft_p50_ms"]
+            - ip[phase][f"{kind}_ttft_p50_ms"]
+            for kind in ("base", "intrinsic")
+            for phase in phases
+        },
     }
     targets = {
-        "throughput_cost < 5%": overhead["throughput_cost"] < 0.05,
-        "p50 TTFT delta < 3 ms (base)": overhead["base_ttft_p50_delta_ms"] < 3,
-        "p50 TTFT delta < 3 ms (intrinsic)": overhead["intrinsic_ttft_p50_delta_ms"] < 3,
+        "throughput cost < 5%": overhead["throughput_cost"] < 0.05,
+        "p50 TTFT delta < 3 ms (base, alone)": overhead["base_ttft_p50_delta_ms_alone"] < 3,
+        "p50 TTFT delta < 3 ms (intrinsic, alone)": overhead["intrinsic_ttft_p50_delta_ms_alone"]
+        < 3,
     }
     payload = {
         "model": label,
@@ -398,11 +428,11 @@ def main() -> None:
                 "kv_cache_memory",
                 "max_num_seqs",
                 "repeats",
+                "alone",
             )
         },
         "runs": summary,
         "median": med,
-        "best": best,
         "overhead": overhead,
         "targets_met": targets,
         "identical_text": same,
