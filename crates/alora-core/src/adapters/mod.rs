@@ -11,7 +11,7 @@ mod names;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
@@ -233,11 +233,10 @@ impl fmt::Debug for AdapterRegistry {
     }
 }
 
-/// All loaded adapters, by name and by id.
+/// All loaded adapters, by name.
 pub struct AdapterRegistry {
     spec: ModelSpec,
     by_name: BTreeMap<String, Arc<Adapter>>,
-    by_id: HashMap<AdapterId, Arc<Adapter>>,
     /// Ids are never reused: KV-cache entries are keyed by id, so a reloaded adapter
     /// must not match its predecessor's cache. Starts at 1, so 0 is never an adapter id.
     next_id: AdapterId,
@@ -248,7 +247,6 @@ impl AdapterRegistry {
         AdapterRegistry {
             spec,
             by_name: BTreeMap::new(),
-            by_id: HashMap::new(),
             next_id: 1,
         }
     }
@@ -365,7 +363,6 @@ impl AdapterRegistry {
             .by_name
             .remove(name)
             .ok_or_else(|| Error::UnknownAdapter(name.to_string()))?;
-        self.by_id.remove(&adapter.id);
         Ok(adapter)
     }
 
@@ -373,10 +370,6 @@ impl AdapterRegistry {
         self.by_name
             .get(name)
             .ok_or_else(|| Error::UnknownAdapter(name.to_string()))
-    }
-
-    pub fn get_by_id(&self, id: AdapterId) -> Option<&Arc<Adapter>> {
-        self.by_id.get(&id)
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -430,7 +423,6 @@ impl AdapterRegistry {
             num_modules: self.spec.modules.len(),
         });
         self.by_name.insert(name.to_string(), Arc::clone(&adapter));
-        self.by_id.insert(id, Arc::clone(&adapter));
         adapter
     }
 }
