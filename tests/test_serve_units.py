@@ -216,3 +216,50 @@ def test_serve_subcommand_parses() -> None:
     assert args.kv_cache_memory == 1 << 30
     with pytest.raises(SystemExit):
         _parser().parse_args(["serve", "--adapter", "no-equals-sign"])
+
+
+def _smollm2_tokenizer():  # type: ignore[no-untyped-def]
+    """SmolLM2's real tokenizer (byte-level BPE, 49k vocab), if converted on this machine;
+    tests never trigger the conversion."""
+    try:
+        from alora.models import cache_dir
+    except ImportError:
+        return None
+    path = cache_dir() / "smollm2-135m-instruct"
+    if not (path / ".alora-converted").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def test_real_hf_tokenizer_grammar_and_detokenizer() -> None:
+    import json
+
+    tok = _smollm2_tokenizer()
+    if tok is None:
+        pytest.skip("SmolLM2 is not converted on this machine (alora.models.smollm2_dir())")
+    text = "Fahrenheit: 212°F — ü 日本語 😀, done."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.push(t) for t in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + detok.flush() == text
+    gc = GrammarCompiler(tok)
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    proc = gc.processor(gc.grammar(StructuredOutputs.model_validate({"json": schema})))
+    g = torch.Generator().manual_seed(0)
+    out: list[int] = []
+    while len(out) < 40:
+        logits = torch.randn(len(tok), generator=g)
+        proc(out, logits)
+        t = int(logits.argmax())
+        if t == tok.eos_token_id:
+            break
+        out.append(t)
+    assert 0 <= json.loads(tok.decode(out))["n"] <= 99

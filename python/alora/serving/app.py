@@ -488,6 +488,7 @@ def create_app(rt: Any, config: ServerConfig | None = None, *, own_runtime: bool
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        state.metrics.requests.labels("_invalid", "400").inc()
         if first.get("type") == "json_invalid":
             return error_response(400, "request body is not valid JSON")
         msg = str(first.get("msg", "invalid request"))
@@ -824,8 +825,10 @@ async def _handle(
     chat: bool,
 ) -> Response:
     model = req.model
+    t0 = time.perf_counter()
     try:
         job = await _build_job(state, req, chat)
+        job.t0 = t0  # latency metrics count tokenization too
     except ValueError as e:  # a pydantic-level check raised after parsing (structured())
         state.metrics.requests.labels("_invalid", "400").inc()
         raise _map_exception(e) from e
