@@ -690,3 +690,63 @@ def _close_shared() -> Iterator[None]:
     for rt in _SHARED.values():
         rt.detach()
     _SHARED.clear()
+
+
+_token_like = st.one_of(
+    st.integers(min_value=-3, max_value=300),
+    st.booleans(),
+    st.floats(allow_nan=True),
+    st.text(max_size=2),
+    st.none(),
+)
+
+
+@given(
+    prompt=st.one_of(
+        st.lists(st.integers(min_value=10, max_value=120), min_size=1, max_size=8),
+        st.lists(_token_like, max_size=6),
+        st.text(max_size=4),
+        st.none(),
+        st.integers(),
+    ),
+    adapter=st.one_of(st.none(), st.sampled_from(["alora_all", "lora_mlp", "nope", ""])),
+    stop=st.one_of(st.none(), st.lists(_token_like, max_size=3)),
+)
+def test_add_request_any_prompt_gives_a_typed_error_or_the_generate_result(
+    arch_setup: Callable[[str], ArchSetup], prompt: Any, adapter: Any, stop: Any
+) -> None:
+    rt = _shared_runtime(arch_setup("llama"))
+    before = rt.stats()
+    try:
+        rid = rt.add_request(prompt, adapter=adapter, max_new_tokens=2, stop_token_ids=stop)
+    except alora.AloraError:
+        assert rt.stats() == before
+        return
+    done = _drain_results(rt)
+    ref = rt.generate([prompt], adapter, max_new_tokens=2, stop_token_ids=stop)[0]
+    assert done[rid].token_ids == ref.token_ids
+    _idle(rt)
+
+
+@given(value=_values)
+def test_abort_and_unload_of_anything_are_typed(
+    arch_setup: Callable[[str], ArchSetup], value: Any
+) -> None:
+    rt = _shared_runtime(arch_setup("llama"))
+    before = rt.stats()
+    with pytest.raises(alora.AloraError):
+        rt.abort(value)
+    with pytest.raises(alora.AloraError):
+        rt.unload_adapter(value)
+    with pytest.raises(alora.AloraError):
+        rt.load_adapter(value, "/nonexistent/adapter")
+    assert rt.stats() == before
+
+
+def _drain_results(rt: AdapterRuntime) -> dict[int, Any]:
+    done: dict[int, Any] = {}
+    while rt.has_unfinished():
+        for out in rt.step():
+            if out.finished:
+                done[out.request_id] = out.result
+    return done

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,10 @@ class AdapterRuntime:
         tokenizer; `invocation_tokens` overrides both.
         """
         self._check_attached()
+        if not isinstance(name, str):
+            raise _core.ConfigError(f"an adapter name must be a string, got {name!r}")
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise _core.ConfigError(f"path must be a directory path, got {path!r}")
         if (path is None) == (state_dict is None):
             raise _core.ConfigError("give either a path or a state_dict (with its config)")
         if path is not None:
@@ -212,6 +217,8 @@ class AdapterRuntime:
     def unload_adapter(self, name: str) -> None:
         """Remove an adapter; refused (AdapterBusyError) while requests use it."""
         self._check_attached()
+        if not isinstance(name, str):
+            raise _core.UnknownAdapterError(f"unknown adapter {name!r}")
         with self._loop.lock:
             info = self._engine.adapter(name)
             self._engine.unload_adapter(name)
