@@ -557,3 +557,30 @@ def test_chat_template_options(fake: FakeRuntime, client: openai.OpenAI) -> None
     assert r.usage is not None and r.usage.prompt_tokens == len(
         chat_ids(fake, [{"role": "user", "content": "hello world"}])
     )
+
+
+def test_streamed_bytes_never_split_a_character() -> None:
+    """Byte-level tokens: with the two byte tokens of "é" pushed up by logit_bias, the
+    output is full of two-byte characters split across tokens (and stray bytes), and the
+    stream must still concatenate to the decoded text, never cutting a character."""
+    tok = byte_tokenizer()
+    e_bytes = tok("é", add_special_tokens=False)["input_ids"]
+    assert len(e_bytes) == 2
+    rt = FakeRuntime(tok, max_model_len=512)
+    app = create_app(rt, ServerConfig(model_name="base"), own_runtime=False)
+    bias = {str(t): 30.0 for t in e_bytes}
+    with serve_in_thread(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        for i in range(3):
+            kw: dict[str, Any] = dict(
+                model="base", prompt=[40 + i], max_tokens=24, temperature=0, logit_bias=bias
+            )
+            full = c.completions.create(**kw).choices[0].text
+            pieces = [ch.choices[0].text for ch in c.completions.create(**kw, stream=True)]
+            ids: list[int] = []
+            for _ in range(24):
+                logits = rt.logits([40 + i, *ids], None)
+                logits[e_bytes] += 30.0
+                ids.append(int(logits.argmax()))
+            assert "".join(pieces) == full == tok.decode(ids, skip_special_tokens=True)
+            assert "é" in full

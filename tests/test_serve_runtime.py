@@ -406,3 +406,18 @@ def test_sigterm_shuts_down_cleanly() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_stop_token_ids(setup: Setup, url: str) -> None:
+    prompt = CONVERSATIONS[0]
+    free = setup.rt.generate([prompt], None, max_new_tokens=8, stop_token_ids=())[0]
+    stop = free.token_ids[3]
+    cut = free.token_ids.index(stop)  # its first occurrence ends the request
+    r = client(url).completions.create(
+        model="base", prompt=prompt, max_tokens=8, temperature=0,
+        extra_body={"stop_token_ids": [stop]},
+    )  # fmt: skip
+    choice = r.choices[0]
+    assert choice.text == setup.tok.decode(free.token_ids[:cut], skip_special_tokens=True)
+    assert (choice.finish_reason, choice.model_extra["stop_reason"]) == ("stop", stop)
+    assert r.usage is not None and r.usage.completion_tokens == cut + 1  # the stop token counts
