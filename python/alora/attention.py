@@ -66,17 +66,50 @@ class SeqGroup:
         return m
 
 
+@dataclass(frozen=True)
+class ChunkSeq:
+    """A prefill sequence whose queries are its own contiguous token range [q0, q1) at
+    positions [cached, cached + q1 - q0): attention is causal over its own chunk (SDPA
+    `is_causal`, no mask, no gather) plus, when `cached` > 0, unmasked over its cached part."""
+
+    q0: int
+    q1: int
+    cached: int  # tokens of context already in the cache before this chunk
+    cached_slots: torch.Tensor | None  # int64 [cached] cache slots (None: see cached_start)
+    cached_start: int  # when the cached slots are one contiguous range: its first slot
+
+    @property
+    def context(self) -> int:
+        return self.cached + self.q1 - self.q0
+
+
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # int64 [T]
     groups: list[SeqGroup]
     num_tokens: int
+    # Fast path for the prefill group (the last group): one entry per prefill sequence, or
+    # None when some sequence does not have the layout ChunkSeq needs.
+    chunks: list[ChunkSeq] | None = None
+    # Fast path for a decode group of one sequence: its context's slots as one range
+    # (start, length), read in place; None otherwise.
+    decode_range: tuple[int, int] | None = None
+
+
+# Turn the fast paths off to run the reference (gathered slots + explicit mask) everywhere;
+# tests compare the two.
+FAST_PATHS = True
 
 
 def build_attention_metadata(
-    plan: AttentionPlan, *, block_size: int, device: torch.device | str
+    plan: AttentionPlan,
+    *,
+    block_size: int,
+    device: torch.device | str,
+    fast_paths: bool | None = None,
 ) -> AttentionMetadata:
-    """Index tensors for paged attention over a step's sequences."""
+    """Index tensors for paged attention over a step's sequences. `fast_paths` (default:
+    the module's FAST_PATHS) adds the layouts the causal prefill and in-place decode use."""
     positions = np.asarray(plan.positions, dtype=np.int64)
     query_start = np.asarray(plan.query_start, dtype=np.int64)
     context_lens = np.asarray(plan.context_lens, dtype=np.int64)
@@ -97,11 +130,63 @@ def build_attention_metadata(
     for g in groups:
         for name in ("q_index", "out_index", "q_valid", "kv_slots", "q_pos", "k_pos", "k_valid"):
             setattr(g, name, getattr(g, name).to(dev, non_blocking=True))
-    return AttentionMetadata(
+    meta = AttentionMetadata(
         slot_mapping=torch.from_numpy(np.asarray(slot_mapping, dtype=np.int64)).to(dev),
         groups=groups,
         num_tokens=int(positions.shape[0]),
     )
+    if FAST_PATHS if fast_paths is None else fast_paths:
+        prefill = np.flatnonzero(q_lens > 1)
+        if prefill.size:
+            meta.chunks = _chunk_seqs(
+                prefill, positions, query_start, context_lens, block_tables, block_size, dev
+            )
+        decode = np.flatnonzero(q_lens == 1)
+        if decode.size == 1:
+            i = int(decode[0])
+            meta.decode_range = _slot_range(block_tables[i], int(context_lens[i]), block_size)
+    return meta
+
+
+def _slot_range(table: np.ndarray, length: int, block_size: int) -> tuple[int, int] | None:
+    """(first slot, length) when the first `length` slots of a block table are one
+    contiguous range of cache slots (consecutive blocks), else None."""
+    nb = (length + block_size - 1) // block_size
+    blocks = table[:nb].astype(np.int64)
+    if nb == 0 or int(blocks[0]) < 0 or not bool((np.diff(blocks) == 1).all()):
+        return None
+    return int(blocks[0]) * block_size, length
+
+
+def _chunk_seqs(
+    sel: np.ndarray,
+    positions: np.ndarray,
+    query_start: np.ndarray,
+    context_lens: np.ndarray,
+    block_tables: np.ndarray,
+    block_size: int,
+    device: torch.device,
+) -> list[ChunkSeq] | None:
+    out: list[ChunkSeq] = []
+    for i in sel:
+        q0, q1 = int(query_start[i]), int(query_start[i + 1])
+        cached = int(context_lens[i]) - (q1 - q0)
+        # The chunk must be the context's tail, in order (what the engine schedules).
+        if not np.array_equal(positions[q0:q1], np.arange(cached, cached + q1 - q0)):
+            return None
+        slots, start = None, 0
+        if cached:
+            rng = _slot_range(block_tables[i], cached, block_size)
+            if rng is None:
+                pos = np.arange(cached, dtype=np.int64)
+                slots_np = block_tables[i][pos // block_size].astype(np.int64) * block_size + (
+                    pos % block_size
+                )
+                slots = torch.from_numpy(slots_np).to(device)
+            else:
+                start = rng[0]
+        out.append(ChunkSeq(q0, q1, cached, slots, start))
+    return out
 
 
 def _build_group(
@@ -159,7 +244,17 @@ def paged_attention(
     k_cache, v_cache = cache.key(layer), cache.value(layer)
     num_heads, num_kv = query.shape[1], k_cache.shape[1]
     out = query.new_empty(query.shape)
-    for g in meta.groups:
+    for gi, g in enumerate(meta.groups):
+        prefill = gi == len(meta.groups) - 1 and meta.chunks is not None
+        if prefill and _chunks_fit(meta.chunks, sliding_window, query.device):
+            for c in meta.chunks:  # type: ignore[union-attr]
+                _chunk_attention(out, query, key, value, k_cache, v_cache, c, scaling)
+            continue
+        if not prefill and gi == 0 and meta.decode_range is not None:
+            start, length = meta.decode_range
+            if not sliding_window or length <= int(sliding_window):
+                _decode_in_place(out, query, k_cache, v_cache, g, start, length, scaling)
+                continue
         q = query[g.q_index].transpose(1, 2)  # [S, H, Q, d]
         k = k_cache[g.kv_slots].transpose(1, 2)  # [S, KVH, L, d]
         v = v_cache[g.kv_slots].transpose(1, 2)
@@ -173,6 +268,86 @@ def paged_attention(
         )
         out.index_copy_(0, g.out_index, o.transpose(1, 2)[g.q_valid])
     return out
+
+
+def _chunks_fit(
+    chunks: list[ChunkSeq] | None, sliding_window: int | None, device: torch.device
+) -> bool:
+    """Whether the causal fast path is exact for these chunks: no window cuts any context,
+    and a chunk with cached context has the merge it needs (log-sum-exp from the CPU flash
+    kernel; elsewhere the reference path runs)."""
+    if chunks is None:
+        return False
+    if sliding_window and any(c.context > int(sliding_window) for c in chunks):
+        return False
+    return device.type == "cpu" or all(c.cached == 0 for c in chunks)
+
+
+def _flash_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU flash kernel behind SDPA, which also returns the log-sum-exp of each query's
+    scores ([1, H, Q], float32) and broadcasts K/V heads over query heads (GQA) itself."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, scale=scale
+    )
+    return out, lse
+
+
+def _chunk_attention(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    c: ChunkSeq,
+    scaling: float | None,
+) -> None:
+    """Causal attention of one chunk over its own K/V (as the step computed them, rounded to
+    the cache dtype like the reference path reads them) and, merged by log-sum-exp, over the
+    context cached before it, which no query of the chunk is masked from."""
+    q = query[c.q0 : c.q1].transpose(0, 1)[None]  # [1, H, Q, d]
+    k = key[c.q0 : c.q1].to(k_cache.dtype).to(q.dtype).transpose(0, 1)[None]
+    v = value[c.q0 : c.q1].to(v_cache.dtype).to(q.dtype).transpose(0, 1)[None]
+    gqa = q.shape[1] != k.shape[1]
+    if c.cached == 0:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+        out[c.q0 : c.q1] = o[0].transpose(0, 1)
+        return
+    if c.cached_slots is None:
+        kc = k_cache[c.cached_start : c.cached_start + c.cached]
+        vc = v_cache[c.cached_start : c.cached_start + c.cached]
+    else:
+        kc, vc = k_cache[c.cached_slots], v_cache[c.cached_slots]
+    kc = kc.to(q.dtype).transpose(0, 1)[None]
+    vc = vc.to(q.dtype).transpose(0, 1)[None]
+    o_own, lse_own = _flash_lse(q, k, v, True, scaling)
+    o_ctx, lse_ctx = _flash_lse(q, kc, vc, False, scaling)
+    # softmax over both parts = each part's softmax weighted by its share of exp(lse)
+    w_ctx = torch.sigmoid(lse_ctx - lse_own)[..., None].to(q.dtype)
+    o = torch.lerp(o_own, o_ctx, w_ctx)
+    out[c.q0 : c.q1] = o[0].transpose(0, 1)
+
+
+def _decode_in_place(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    g: SeqGroup,
+    start: int,
+    length: int,
+    scaling: float | None,
+) -> None:
+    """One decode query over a context stored in one contiguous range of slots: attends the
+    cache in place (a view, no gather, no mask)."""
+    t = g.out_index  # [1]
+    q = query.index_select(0, t).transpose(0, 1)[None]  # [1, H, 1, d]
+    k = k_cache[start : start + length].transpose(0, 1)[None].to(q.dtype)
+    v = v_cache[start : start + length].transpose(0, 1)[None].to(q.dtype)
+    o = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    out.index_copy_(0, t, o[0].transpose(0, 1))
 
 
 # --------------------------------------------------------------------------------------------
