@@ -9,7 +9,7 @@ change, and outside a step the hooks return at once.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -203,7 +203,11 @@ _STEP: ContextVar[LoraStep | None] = ContextVar("alora_lora_step", default=None)
 
 @contextlib.contextmanager
 def lora_step(state: LoraStep) -> Iterator[LoraStep]:
-    """Inside: the owner's hooks add the LoRA deltas of `state`'s batches."""
+    """Inside: the owner's hooks add the LoRA deltas of `state`'s batches. Only modules that
+    some segment of the step targets carry a hook (see `LoraHooks.activate`)."""
+    hooks = _HOOKS_OF.get(id(state.owner))
+    if hooks is not None:
+        hooks.activate(name for name, batch in state.batches.items() if batch is not None)
     token = _STEP.set(state)
     try:
         yield state
@@ -211,22 +215,51 @@ def lora_step(state: LoraStep) -> Iterator[LoraStep]:
         _STEP.reset(token)
 
 
+# id(owner) -> its hooks, so that a step can (de)activate them; entries leave on remove().
+_HOOKS_OF: dict[int, LoraHooks] = {}
+
+
 class LoraHooks:
-    """Forward hooks on every target linear of every decoder layer."""
+    """Forward hooks on the target linears of every decoder layer, registered per module
+    name only while steps use that name: a module with any forward hook takes the slow
+    path of `nn.Module.__call__`, which cost more than the step's LoRA math in batch-1
+    decode (7 linears x 30 layers on SmolLM2), and base-model steps need none at all."""
 
     def __init__(self, owner: object, layers: nn.ModuleList, geometry: ModelGeometry) -> None:
         self._owner = owner
-        self._handles: list[RemovableHandle] = []
-        for layer_idx, layer in enumerate(layers):
-            for spec in geometry.modules:
-                module = layer.get_submodule(spec.path)
-                hook = _make_hook(owner, layer_idx, spec.name)
-                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        self._sites: dict[str, list[tuple[int, nn.Module]]] = {
+            spec.name: [(i, layer.get_submodule(spec.path)) for i, layer in enumerate(layers)]
+            for spec in geometry.modules
+        }
+        self._handles: dict[str, list[RemovableHandle]] = {}
+        _HOOKS_OF[id(owner)] = self
+
+    @property
+    def active(self) -> frozenset[str]:
+        return frozenset(self._handles)
+
+    def activate(self, names: Iterable[str]) -> None:
+        """Hook exactly the modules named in `names` (every layer); others get no hook. A
+        no-op when the set is unchanged, the common case from one step to the next."""
+        wanted = set(names)
+        if wanted == self._handles.keys():
+            return
+        for name in [n for n in self._handles if n not in wanted]:
+            for h in self._handles.pop(name):
+                h.remove()
+        for name in wanted - self._handles.keys():
+            self._handles[name] = [
+                module.register_forward_hook(_make_hook(self._owner, i, name), with_kwargs=True)
+                for i, module in self._sites[name]
+            ]
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+        for handles in self._handles.values():
+            for h in handles:
+                h.remove()
         self._handles.clear()
+        if _HOOKS_OF.get(id(self._owner)) is self:
+            del _HOOKS_OF[id(self._owner)]
 
 
 def _make_hook(owner: object, layer: int, name: str) -> Any:
