@@ -107,6 +107,28 @@ class LoraBatch:
             cache[num_tokens] = (dense, dense_scale)
         return cache[num_tokens]
 
+    @cached_property
+    def uniform(self) -> tuple[int, int, bool] | None:
+        """(first row, rank, tokens are 0..n-1) when segment a holds exactly one token and
+        the rows lo + a*rank .. lo + (a+1)*rank: then A/Bt rows are one [n, rank, dim] view
+        of the pool and both products are a `bmm` over it, with no row gather (the usual
+        decode step of n requests on n adapters loaded in order). Else None."""
+        n = self.num_segments
+        if n == 0 or self.max_seg_tokens != 1 or self.num_active != n:
+            return None
+        rank = self.seg_rank_host[0]
+        rstarts = np.asarray(self.seg_row_start_host, dtype=np.int64)
+        if rank == 0 or any(r != rank for r in self.seg_rank_host):
+            return None
+        if not bool((np.diff(rstarts) == rank).all()):
+            return None
+        rows = self.rows.cpu().numpy()
+        lo = int(rows[0])
+        if not bool((rows == np.arange(lo, lo + n * rank)).all()):
+            return None
+        tok = self.token_idx.cpu().numpy()
+        return lo, rank, bool((tok == np.arange(n)).all())
+
 
 def _range_start(values: np.ndarray) -> int | None:
     """First element of a non-empty array of consecutive integers, else None."""
@@ -165,6 +187,10 @@ class TorchBackend:
         if batch.num_active == 0:
             return
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        uniform = batch.uniform
+        if uniform is not None and x.dtype == y.dtype == a_pool.dtype == bt_pool.dtype == acc:
+            self._uniform(y, x, a_pool, bt_pool, batch, uniform)
+            return
         num_tokens = x.shape[0]
         # Cost model for choosing a form (CPU): each op costs a dispatch, and the gathered
         # forms move their rows about three times (gather copy, product temporary, reduce)
@@ -205,6 +231,31 @@ class TorchBackend:
             v = xa @ a_pool.index_select(0, rows).to(acc).t()
             delta = (v @ bt_pool.index_select(0, rows).to(acc)) * scale
             y.index_add_(0, tok, delta.to(y.dtype))
+
+    @staticmethod
+    def _uniform(
+        y: torch.Tensor,
+        x: torch.Tensor,
+        a_pool: torch.Tensor,
+        bt_pool: torch.Tensor,
+        batch: LoraBatch,
+        uniform: tuple[int, int, bool],
+    ) -> None:
+        """One token per segment, rows laid out segment after segment: a batched mat-vec
+        over pool views reads each row once and copies none (about 2x the gathered form
+        for 16 rank-16 adapters at hidden 512-2048, measured)."""
+        lo, rank, identity = uniform
+        n = batch.num_segments
+        a = a_pool[lo : lo + n * rank].view(n, rank, -1)
+        bt = bt_pool[lo : lo + n * rank].view(n, rank, -1)
+        xs = x[:n] if identity else x.index_select(0, batch.token_idx)
+        v = torch.bmm(a, xs[:, :, None])  # [n, rank, 1]
+        v.mul_(batch.seg_scale.to(v.dtype)[:, None, None])
+        delta = torch.bmm(v.transpose(1, 2), bt)[:, 0]  # [n, out]
+        if identity:
+            y[:n] += delta
+        else:
+            y.index_add_(0, batch.token_idx, delta)
 
     @staticmethod
     def _dense(

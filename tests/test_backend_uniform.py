@@ -1,0 +1,68 @@
+"""The torch backend's bmm-over-views form (one token per segment, rows laid out segment
+after segment: a decode step of n requests on n adapters) against the float64 oracle, and
+the layouts that must not take it."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_backend import make_batch, oracle
+
+from alora.backend import TorchBackend
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    extra=st.integers(0, 6),  # inactive tokens after the active ones, or spread among them
+    rank=st.integers(1, 17),
+    lo=st.integers(0, 9),
+    spread=st.booleans(),
+    dims=st.tuples(st.integers(1, 70), st.integers(1, 70)),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**31),
+)
+def test_uniform_form_matches_oracle(
+    n: int,
+    extra: int,
+    rank: int,
+    lo: int,
+    spread: bool,
+    dims: tuple[int, int],
+    dtype: torch.dtype,
+    seed: int,
+) -> None:
+    d_in, d_out = dims
+    g = torch.Generator().manual_seed(seed)
+    num_tokens = n + extra
+    tokens = list(range(0, num_tokens, 1 + (extra >= n))) if spread else list(range(num_tokens))
+    tokens = tokens[:n]
+    if len(tokens) < n:
+        tokens = list(range(n))
+    seg_tokens = [[t] for t in tokens]
+    rows = [list(range(lo + a * rank, lo + (a + 1) * rank)) for a in range(n)]
+    scales = [0.5 + a for a in range(n)]
+    batch = make_batch(seg_tokens, [rank] * n, rows, scales)
+    assert batch.uniform == (lo, rank, tokens == list(range(n)))
+    x = torch.randn(num_tokens, d_in, generator=g, dtype=dtype)
+    y = torch.randn(num_tokens, d_out, generator=g, dtype=dtype)
+    a_pool = torch.randn(lo + n * rank + 3, d_in, generator=g, dtype=dtype)
+    bt_pool = torch.randn(lo + n * rank + 3, d_out, generator=g, dtype=dtype)
+    ref = oracle(y, x, a_pool, bt_pool, seg_tokens, rows, scales)
+    got = y.clone()
+    TorchBackend().add_lora(got, x, a_pool, bt_pool, batch)
+    err = (got.double() - ref).norm() / ref.norm().clamp_min(1e-12)
+    assert err < 1e-5
+    for t in set(range(num_tokens)) - set(tokens):
+        assert torch.equal(got[t], y[t]), "inactive token modified"
+
+
+def test_layouts_that_are_not_uniform() -> None:
+    two_tokens = make_batch([[0, 1], [2]], [2, 2], [[0, 1], [2, 3]], [1.0, 1.0])
+    mixed_ranks = make_batch([[0], [1]], [2, 3], [[0, 1], [2, 3, 4]], [1.0, 1.0])
+    gap = make_batch([[0], [1]], [2, 2], [[0, 1], [3, 4]], [1.0, 1.0])
+    swapped = make_batch([[0], [1]], [2, 2], [[2, 3], [0, 1]], [1.0, 1.0])
+    inner = make_batch([[0], [1]], [2, 2], [[1, 0], [2, 3]], [1.0, 1.0])
+    for batch in (two_tokens, mixed_ranks, gap, swapped, inner):
+        assert batch.uniform is None
