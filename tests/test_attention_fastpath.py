@@ -1,5 +1,5 @@
 """The attention fast paths (causal prefill over the chunk's own K/V plus its cached part,
-in-place decode over a contiguous context) against the reference path (gathered slots and
+in-place decode over a contiguous context, whole-block gathers) against the reference path (gathered slots and
 an explicit mask) and a dense float64 reference, on random layouts."""
 
 from __future__ import annotations
@@ -108,8 +108,10 @@ def _run_case(
             assert (meta.chunks is not None) == any(q > 1 for q in qlens)
             if contiguous and sum(q == 1 for q in qlens) == 1:
                 assert meta.decode_range is not None
+            assert all(g.kv_blocks is not None for g in meta.groups)
         else:
             assert meta.chunks is None and meta.decode_range is None
+            assert all(g.kv_blocks is None for g in meta.groups)
         outs[fast] = paged_attention(
             q_all, k_new, v_new, cache, layer, meta, scaling=scaling, sliding_window=window
         )
