@@ -36,6 +36,8 @@ from alora.serving.scaleout import (  # noqa: E402
 
 torch.set_num_threads(1)
 BLOCK = 4
+KEY = "sesame"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def _free_port() -> int:
@@ -72,7 +74,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": c.port})
         spec = EngineSpec(
-            argv=["--tiny", "--served-model-name", "base", "--max-num-seqs", "16"],
+            argv=[
+                "--tiny",
+                "--served-model-name",
+                "base",
+                "--max-num-seqs",
+                "16",
+                "--api-key",
+                KEY,
+            ],
             runtime_kwargs={"block_size": BLOCK, "kv_cache_blocks": 1024},
             catalog=c.catalog,
         )
@@ -85,14 +95,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def client(c: Cluster) -> openai.OpenAI:
-    return openai.OpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=c.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
 def conversation(i: int) -> list[dict[str, str]]:
     words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "is", "answer"]
     rng = random.Random(i)  # distinct from the first block on: no shared prefixes
     text = " ".join(rng.choice(words) for _ in range(20 + i % 7))
-    return [{"role": "user", "content": text}]
+    # Every conversation starts with the same system prompt (3 blocks): a shared prefix
+    # must not herd new conversations onto the replica that cached it first.
+    system = "you are a lazy dog over the answer is the quick brown fox"
+    return [{"role": "system", "content": system}, {"role": "user", "content": text}]
 
 
 def chat(c: Cluster, model: str, messages: list[dict[str, str]], max_tokens: int = 6) -> Any:
@@ -137,6 +150,11 @@ def test_api_through_ingress(cluster: Cluster) -> None:
     )
     chunks = list(stream)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    # The key is checked at the ingress (its own endpoints included) and on the replicas.
+    for path in ("/v1/models", "/v1/scaleout/stats"):
+        assert httpx.get(cluster.url + path, timeout=30).status_code == 401
+    r = httpx.post(cluster.url + "/v1/chat/completions", json={"model": "base"}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == 401
     # The app's own errors pass through unchanged (OpenAI-shaped 404 for an unknown model).
     with pytest.raises(openai.NotFoundError):
         client(cluster).chat.completions.create(
@@ -183,7 +201,9 @@ def test_adapters_load_on_demand_and_intrinsics_follow_their_conversation(
 
 def _post(c: Cluster, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
     try:
-        with httpx.stream("POST", c.url + "/v1/chat/completions", json=body, timeout=120) as r:
+        with httpx.stream(
+            "POST", c.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=120
+        ) as r:
             data = r.read()
             return r.status_code, dict(r.headers), data
     except httpx.HTTPError as e:  # a connection the ingress dropped: not retryable-signalled
@@ -274,7 +294,7 @@ def test_killing_a_replica_mid_traffic_loses_nothing_and_recovers(cluster: Clust
         victim = headers[REPLICA_HEADER]
         body = {**long, "messages": messages, "stream": True}
         with httpx.stream(
-            "POST", cluster.url + "/v1/chat/completions", json=body, timeout=120
+            "POST", cluster.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=120
         ) as r:
             assert r.status_code == 200 and r.headers[REPLICA_HEADER] == victim
             lines = r.iter_lines()
@@ -310,3 +330,19 @@ def test_killing_a_replica_mid_traffic_loses_nothing_and_recovers(cluster: Clust
     assert seen == names
     after = summaries()
     assert all("certainty" in after[n]["adapters"] for n in fresh)
+
+
+def test_command_line_splits_serve_arguments_from_scale_out_ones() -> None:
+    from alora.serving.scaleout import _parser, spec_from_args
+
+    argv = ["--tiny", "--replicas", "3", "--adapter", "a=/x/a", "--port=9000",
+            "--adapter=b=/x/b", "--max-loaded-adapters", "1", "--threads", "2",
+            "--router", "default", "--api-key", "k"]  # fmt: skip
+    args = _parser().parse_args(argv)
+    spec = spec_from_args(args, argv)
+    assert args.replicas == 3 and args.router == "default" and args.port == 9000
+    # --adapter entries form the lazy catalog instead of loading on every replica.
+    assert spec.catalog == {"a": "/x/a", "b": "/x/b"}
+    assert spec.argv == ["--tiny", "--threads", "2", "--api-key", "k"]
+    assert spec.max_loaded_adapters == 1 and spec.threads == 2
+    assert spec.args().api_key == "k" and spec.base_name() == "tiny-granite"

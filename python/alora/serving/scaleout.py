@@ -113,6 +113,7 @@ class ScaleoutConfig:
     router: str = "affinity"  # "affinity" (PrefixAffinityRouter) or "default" (Ray's pow-2)
     summary_period_s: float = 0.5
     max_imbalance: int = 8  # in-flight requests above the least loaded replica
+    min_match_fraction: float = 0.5  # of a prompt's blocks, for prefix affinity to count
     recent_ttl_s: float = 30.0
     max_ongoing_requests: int = 256  # per replica; the app's own admission bound is below it
     cpus_per_replica: float = 1.0
@@ -357,8 +358,9 @@ class PrefixAffinityRouter(RequestRouter):
     """Ranks replicas for a request carrying a routing hint (`hint=` keyword: `tokens`,
     `model`): (1) among replicas within `max_imbalance` in-flight requests of the least
     loaded, the one(s) holding the most leading blocks of the request's tokens in their
-    base KV cache; (2) within the bound, replicas with the adapter loaded; (3) everything,
-    least loaded first. Ray then takes the least-queued replica of the first rank that
+    base KV cache, if that is at least `min_match_fraction` of the request's blocks;
+    (2) within the bound, replicas with the adapter loaded; (3) everything, least loaded
+    first. Ray then takes the least-queued replica of the first rank that
     accepts the request (under `max_ongoing_requests`), so a full replica falls through.
 
     "Holding" is the replica's last summary (`record_routing_stats`) or this router's own
@@ -366,9 +368,14 @@ class PrefixAffinityRouter(RequestRouter):
     sticks to its replica before the next summary shows its blocks."""
 
     def initialize_state(
-        self, max_imbalance: int = 8, recent_ttl_s: float = 30.0, max_recent: int = 1 << 16
+        self,
+        max_imbalance: int = 8,
+        min_match_fraction: float = 0.5,
+        recent_ttl_s: float = 30.0,
+        max_recent: int = 1 << 16,
     ) -> None:
         self.max_imbalance = max_imbalance
+        self.min_match_fraction = min_match_fraction
         self.recent_ttl_s = recent_ttl_s
         self.max_recent = max_recent
         # replica -> (summary time, frozenset of its cached block hashes)
@@ -403,9 +410,13 @@ class PrefixAffinityRouter(RequestRouter):
             memo[block_size] = _core.base_prefix_hashes(hint["tokens"], block_size)
         return memo[block_size]
 
+    @staticmethod
+    def _block_size(r: RunningReplica | None, hint: dict[str, Any]) -> int:
+        stats = (r.routing_stats if r is not None else None) or {}
+        return int(stats.get("block_size", hint.get("block_size", 16)))
+
     def _matched(self, r: RunningReplica, hint: dict[str, Any], now: float) -> int:
-        stats = r.routing_stats or {}
-        block_size = int(stats.get("block_size", hint.get("block_size", 16)))
+        block_size = self._block_size(r, hint)
         cached = self._cached(r)
         recent = self._recent.get(r.replica_id, {})
         n = 0
@@ -449,7 +460,11 @@ class PrefixAffinityRouter(RequestRouter):
             now = time.monotonic()
             matched = {r.replica_id: self._matched(r, hint, now) for r in within}
             best = max(matched.values())
-            if best > 0:
+            # A match must cover a real share of the prompt: a system prompt every
+            # conversation shares would otherwise herd all new conversations onto the
+            # first replica that cached it (measured with SmolLM2's default one).
+            blocks = len(self._hashes(hint, self._block_size(within[0], hint)))
+            if best > 0 and best >= self.min_match_fraction * blocks:
                 ranks.append([r for r in within if matched[r.replica_id] == best])
         with_adapter = [
             r for r, k in zip(within, kinds, strict=True) if model is not None and model in k
@@ -467,9 +482,7 @@ class PrefixAffinityRouter(RequestRouter):
         hint = _hint_of(pending_request)
         if hint is None or not hint.get("tokens"):
             return
-        r = self._replicas.get(replica_id)
-        stats = (r.routing_stats if r is not None else None) or {}
-        block_size = int(stats.get("block_size", hint.get("block_size", 16)))
+        block_size = self._block_size(self._replicas.get(replica_id), hint)
         recent = self._recent.setdefault(replica_id, OrderedDict())
         now = time.monotonic()
         for h in self._hashes(hint, block_size):
@@ -560,6 +573,7 @@ class Ingress:
         tok = spec.tokenizer()
         self.tok_state = SimpleNamespace(tokenizer=tok, vocab=len(tok) if tok else None)
         self.block_size = int(spec.runtime_kwargs.get("block_size", 16))
+        self.api_key = spec.args().api_key or None
         self.retried = 0
         self.failed = 0
 
@@ -581,12 +595,27 @@ class Ingress:
         except Exception:
             return None
 
+    def _refused(self, request: Request) -> JSONResponse | None:
+        """The replicas check the key too; checking here keeps the ingress's own endpoints
+        closed and spares routing work for requests that would be refused anyway."""
+        from alora.serving.security import bearer_token, key_matches
+
+        if self.api_key is None:
+            return None
+        if key_matches(bearer_token(request.headers.get("authorization")), self.api_key):
+            return None
+        body = {"error": {"message": "invalid or missing API key", "param": None,
+                          "type": "AuthenticationError", "code": 401}}  # fmt: skip
+        return JSONResponse(body, status_code=401)
+
     @api.get("/health")
     async def health(self) -> Response:
         return Response(status_code=200)
 
     @api.get("/v1/models")
-    async def models(self) -> JSONResponse:
+    async def models(self, request: Request) -> JSONResponse:
+        if refused := self._refused(request):
+            return refused
         cards = [
             {
                 "id": self.base_name,
@@ -609,7 +638,9 @@ class Ingress:
         return JSONResponse({"object": "list", "data": cards})
 
     @api.get("/v1/scaleout/stats")
-    async def stats(self) -> JSONResponse:
+    async def stats(self, request: Request) -> JSONResponse:
+        if refused := self._refused(request):
+            return refused
         return JSONResponse({"retried": self.retried, "failed": self.failed})
 
     @api.post("/v1/completions")
@@ -621,6 +652,8 @@ class Ingress:
         return await self._forward(request)
 
     async def _forward(self, request: Request) -> Response:
+        if refused := self._refused(request):
+            return refused
         body = await request.body()
         path = request.url.path
         forwarded = {
@@ -687,6 +720,7 @@ def build_app(spec: EngineSpec, config: ScaleoutConfig | None = None) -> Any:
             request_router_class=PrefixAffinityRouter,
             request_router_kwargs={
                 "max_imbalance": config.max_imbalance,
+                "min_match_fraction": config.min_match_fraction,
                 "recent_ttl_s": config.recent_ttl_s,
             },
             request_routing_stats_period_s=config.summary_period_s,
