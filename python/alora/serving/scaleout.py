@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -832,5 +831,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "1")
-    sys.exit(main())
+    # Through the importable module, so Ray pickles the deployments by reference, not as
+    # `__main__` classes.
+    from alora.serving.scaleout import main as _main
+
+    sys.exit(_main())
