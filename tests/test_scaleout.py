@@ -162,6 +162,28 @@ def test_api_through_ingress(cluster: Cluster) -> None:
         )
 
 
+def test_a_client_that_leaves_aborts_its_request_on_the_replica(cluster: Cluster) -> None:
+    body = {"model": "base", "messages": conversation(50), "max_tokens": 900,
+            "ignore_eos": True, "temperature": 0, "stream": True}  # fmt: skip
+    url = cluster.url + "/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=AUTH, timeout=120) as r:
+        assert r.status_code == 200
+        assert next(r.iter_lines()).startswith("data: ")
+        replica = r.headers[REPLICA_HEADER]
+        steps = summaries()[replica]["steps"]
+    # Closed after the first chunk: the cancellation crosses the ingress and the replica's
+    # generator into the app, which aborts the sequence and frees its blocks long before
+    # its 900 tokens (one engine step each).
+    deadline = time.monotonic() + 60
+    while True:
+        s = summaries()[replica]
+        if s["running"] == 0 and s["waiting"] == 0 and s["used_blocks"] == 0:
+            break
+        assert time.monotonic() < deadline, s
+        time.sleep(0.1)
+    assert s["steps"] - steps < 300, (steps, s["steps"])
+
+
 def test_adapters_load_on_demand_and_intrinsics_follow_their_conversation(
     cluster: Cluster,
 ) -> None:

@@ -327,6 +327,7 @@ class EngineReplica:
             "running": int(stats.get("running", 0)),
             "waiting": int(stats.get("waiting", 0)),
             "used_blocks": int(stats.get("used_blocks", 0)),
+            "steps": int(stats.get("steps", 0)),
             "adapter_loads": self.loads,
             "time": time.time(),
         }
