@@ -45,8 +45,9 @@ from alora import AdapterRuntime
 
 SYSTEMS = ("ours-alora", "ours-lora", "peft-alora", "peft-lora", "base")
 TARGET_N = 2048
-TARGET_VS_BASE = 1.1  # our aLoRA TTFT <= 1.1x the base model prefilling the invocation only
+TARGET_VS_BASE = 1.05  # our aLoRA TTFT <= 1.05x the base model prefilling the invocation only
 TARGET_VS_PEFT = 1.0  # and no slower than PEFT with hand-managed caches
+TARGET_CHAIN_VS_PEFT = 0.9  # our aLoRA chain end to end <= 0.9x PEFT with a hand-kept cache
 
 Chain = dict[str, Any]
 
@@ -78,7 +79,7 @@ def run_ours(
     rt.reset_prefix_cache()  # each system starts cold; reuse happens within its own chain only
     out: Chain = {}
     history: list[int] = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for turn, seg in enumerate(segments):
         last = turn == len(segments) - 1
         history = history + seg
@@ -101,6 +102,9 @@ def run_ours(
                 last,
             )
     out["chain_s"] = time.perf_counter() - t0
+    # Process CPU time (every thread of this process, the engine loop's included): on a
+    # shared machine a neighbour's burst stretches wall time, this far less.
+    out["chain_cpu_s"] = time.process_time() - c0
     out["preemptions"] = int(rt.stats().get("preemptions", 0))
     out["state"] = history
     return out
@@ -119,7 +123,7 @@ def run_hf(
     history: list[int] = []
     cache = None
     peft = mode != "base"
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for turn, seg in enumerate(segments):
         last = turn == len(segments) - 1
         cached = 0 if cache is None else cache.get_seq_length()
@@ -161,6 +165,9 @@ def run_hf(
                 comp = computed_hf(ids.shape[1], base_len, a.intrinsic_tokens)
             _record(out, turn, len(history), g.ttft, comp, "inv", last)
     out["chain_s"] = time.perf_counter() - t0
+    # Process CPU time (every thread of this process, the engine loop's included): on a
+    # shared machine a neighbour's burst stretches wall time, this far less.
+    out["chain_cpu_s"] = time.process_time() - c0
     out["preemptions"] = 0
     out["state"] = (history, cache)
     return out
@@ -341,6 +348,7 @@ def main() -> int:
                     "ttft_inv_all_s": inv_all,
                     "ttft_base_turn_s": statistics.median([c["base_ttft"][-1] for c in chains]),
                     "chain_s": statistics.median([c["chain_s"] for c in chains]),
+                    "chain_cpu_s": statistics.median([c["chain_cpu_s"] for c in chains]),
                     "computed_tokens": int(statistics.median([c["computed"] for c in chains])),
                     "inv_computed_tokens": int(
                         statistics.median([c["inv_computed"] for c in chains])
@@ -352,12 +360,13 @@ def main() -> int:
     # Table.
     print(
         f"\n{'N':>5} {'system':11s} {'TTFT/inv s':>10} {'base-turn s':>11} {'chain s':>8}"
-        f" {'computed':>9} {'inv comp':>8}"
+        f" {'CPU s':>8} {'computed':>9} {'inv comp':>8}"
     )
     for row in rows:
         print(
             f"{row['length']:5d} {row['system']:11s} {fmt(row['ttft_inv_median_s'], '.4f'):>10}"
             f" {fmt(row['ttft_base_turn_s']):>11} {fmt(row['chain_s'], '.2f'):>8}"
+            f" {fmt(row['chain_cpu_s'], '.2f'):>8}"
             f" {row['computed_tokens']:9d} {row['inv_computed_tokens']:8d}"
         )
 
@@ -434,6 +443,32 @@ def _verdict(
         targets.append(
             {"name": "diagnostic: ours-alora / ours base path", "length": n, "ratio": ratio}
         )
+    # End to end, at every length: the whole chain (base turns included), which is what a
+    # user of an agentic chain waits for.
+    for length in lengths:
+        at = {r["system"]: r for r in rows if r["length"] == length}
+        ours_s = at.get("ours-alora", {}).get("chain_cpu_s")
+        peft_s = at.get("peft-alora", {}).get("chain_cpu_s")
+        if ours_s and peft_s:
+            ratio = ours_s / peft_s
+            met = ratio <= TARGET_CHAIN_VS_PEFT
+            label = "ours-alora chain / PEFT aLoRA chain (hand cache), end to end, CPU s"
+            targets.append(
+                {
+                    "name": label,
+                    "length": length,
+                    "ratio": ratio,
+                    "limit": TARGET_CHAIN_VS_PEFT,
+                    "met": met,
+                    "ours_s": ours_s,
+                    "ref_s": peft_s,
+                    "source": "sweep",
+                }
+            )
+            lines.append(
+                f"target @N={length}: {label} = {ratio:.2f}x ({ours_s:.2f} s vs {peft_s:.2f} s;"
+                f" limit {TARGET_CHAIN_VS_PEFT}x): {'met' if met else 'MISSED'}"
+            )
     ours_sweep = by.get("ours-alora", {}).get("ttft_inv_median_s")
     for other in ("ours-lora", "peft-lora"):
         ref = by.get(other, {}).get("ttft_inv_median_s")

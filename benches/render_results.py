@@ -102,6 +102,42 @@ def chain(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def forward(d: dict[str, Any]) -> list[str]:
+    """Issue #12: our forward against Hugging Face's on the same model (bench_forward.py)."""
+    t = d["targets"]
+    pre_limit, dec_limit = t["prefill_ours_over_hf_max"], t["decode_ours_over_hf_min"]
+    c = d.get("target_clock", "cpu")
+    out = [
+        "### Our forward vs Hugging Face's (`bench_forward.py`)",
+        "",
+        _prov(d),
+        "",
+        "Prefill of N tokens (ours: one request through the step loop; HF: one forward with"
+        " its cache) in seconds, and batch-1 decode in tokens/s (ours vs HF `generate`);"
+        f" {d['repeats']} interleaved repeats, 1 thread. Ratio: median of per-repeat ratios,"
+        f" by process {c.upper()} time (the verdict's clock) and by wall time.",
+        "",
+        f"| measurement | ours ({c}) | HF ({c}) | ours / HF ({c}) | ours / HF (wall)"
+        " | limit | verdict |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in d["prefill"]:
+        m = r[c]
+        out.append(
+            f"| prefill N={r['n']} (s) | {_f(m['ours'])} | {_f(m['hf'])} | {_f(m['ratio'])}x"
+            f" | {_f(r['wall']['ratio'])}x | <= {pre_limit}x"
+            f" | {_verdict(m['ratio'] <= pre_limit)} |"
+        )
+    dec = d["decode"]
+    m = dec[c]
+    out.append(
+        f"| decode, batch 1, prompt {dec['prompt']}, {dec['new_tokens']} tokens (tok/s)"
+        f" | {_f(m['ours'], '.1f')} | {_f(m['hf'], '.1f')} | {_f(m['ratio'])}x"
+        f" | {_f(dec['wall']['ratio'])}x | >= {dec_limit}x | {_verdict(m['ratio'] >= dec_limit)} |"
+    )
+    return [*out, ""]
+
+
 def fanout(d: dict[str, Any]) -> list[str]:
     p = d["params"]
     rows = d["rows"]
@@ -238,7 +274,9 @@ def runtime(results: Path) -> list[str]:
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "forward": forward,
     "chain": chain,
+    "chain_smollm2": chain,
     "fanout": fanout,
     "trace": trace,
     "core_scheduler": core,
