@@ -195,9 +195,10 @@ class Engine:
     def request_output(self, request_id: int) -> RequestOutput: ...
     def has_unfinished(self) -> bool: ...
     def stats(self) -> dict[str, int]:
-        """Counters: free_blocks, total_blocks, cached_blocks, used_blocks, running, waiting,
-        loaded_adapters, resident_adapters, pinned_adapters, free_adapter_rows, total_adapter_rows, prefix_queries_tokens,
-        prefix_hit_tokens, preemptions, adapter_loads, adapter_evictions, steps."""
+        """Counters: free_blocks, total_blocks, used_blocks, cached_blocks, running, waiting,
+        loaded_adapters, resident_adapters, pinned_adapters, free_adapter_rows,
+        total_adapter_rows, prefix_query_tokens, prefix_hit_tokens, preemptions,
+        adapter_loads, adapter_evictions, steps."""
     def cached_base_hashes(self) -> list[int]:
         """64-bit chained hashes of every full block cached with the base key (the prefix
         summary a router compares with `base_prefix_hashes`)."""
