@@ -278,8 +278,14 @@ def paged_attention(
     for gi, g in enumerate(meta.groups):
         prefill = gi == len(meta.groups) - 1 and meta.chunks is not None
         if prefill and _chunks_fit(meta.chunks, sliding_window, query.device):
-            for c in meta.chunks:  # type: ignore[union-attr]
-                _chunk_attention(out, query, key, value, k_cache, v_cache, c, scaling)
+            chunks = meta.chunks or []
+            whole = len(chunks) == 1 and chunks[0].q1 - chunks[0].q0 == len(out)
+            if whole and len(meta.groups) == 1:
+                # The whole step is one chunk: SDPA's output, transposed, is already the
+                # contiguous [T, H, d] the model wants; no copy into `out`.
+                return _chunk_attention(query, key, value, k_cache, v_cache, chunks[0], scaling)
+            for c in chunks:
+                out[c.q0 : c.q1] = _chunk_attention(query, key, value, k_cache, v_cache, c, scaling)
             continue
         if not prefill and gi == 0 and meta.decode_range is not None:
             start, length = meta.decode_range
@@ -326,7 +332,6 @@ def _flash_lse(
 
 
 def _chunk_attention(
-    out: torch.Tensor,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -334,18 +339,18 @@ def _chunk_attention(
     v_cache: torch.Tensor,
     c: ChunkSeq,
     scaling: float | None,
-) -> None:
-    """Causal attention of one chunk over its own K/V (as the step computed them, rounded to
-    the cache dtype like the reference path reads them) and, merged by log-sum-exp, over the
-    context cached before it, which no query of the chunk is masked from."""
+) -> torch.Tensor:
+    """[Q, H, d]: causal attention of one chunk over its own K/V (as the step computed them,
+    rounded to the cache dtype like the reference path reads them) and, merged by
+    log-sum-exp, over the context cached before it, which no query of the chunk is masked
+    from."""
     q = query[c.q0 : c.q1].transpose(0, 1)[None]  # [1, H, Q, d]
     k = key[c.q0 : c.q1].to(k_cache.dtype).to(q.dtype).transpose(0, 1)[None]
     v = value[c.q0 : c.q1].to(v_cache.dtype).to(q.dtype).transpose(0, 1)[None]
     gqa = q.shape[1] != k.shape[1]
     if c.cached == 0:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
-        out[c.q0 : c.q1] = o[0].transpose(0, 1)
-        return
+        return o[0].transpose(0, 1)
     if c.cached_slots is None:
         kc = k_cache[c.cached_start : c.cached_start + c.cached]
         vc = v_cache[c.cached_start : c.cached_start + c.cached]
@@ -357,8 +362,7 @@ def _chunk_attention(
     o_ctx, lse_ctx = _flash_lse(q, kc, vc, False, scaling)
     # softmax over both parts = each part's softmax weighted by its share of exp(lse)
     w_ctx = torch.sigmoid(lse_ctx - lse_own)[..., None].to(q.dtype)
-    o = torch.lerp(o_own, o_ctx, w_ctx)
-    out[c.q0 : c.q1] = o[0].transpose(0, 1)
+    return torch.lerp(o_own, o_ctx, w_ctx)[0].transpose(0, 1)
 
 
 def _decode_in_place(
