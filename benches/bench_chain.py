@@ -252,7 +252,9 @@ def parse() -> argparse.Namespace:
         help="interleaved rounds of the target measurement at N~2048 (0: off)",
     )
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
-    ap.add_argument("--model", default=None, help="local transformers model directory")
+    ap.add_argument(
+        "--model", default=None, help="'smollm2' or a local transformers model directory"
+    )
     ap.add_argument("--layers", type=int, default=None, help="demo model with this many layers")
     # One thread by default: this machine is shared, and with 2 threads every op waits for
     # the slower thread whenever another process takes a core (2-30x noisier, measured).

@@ -64,7 +64,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
-    ap.add_argument("--model", default=None, help="local transformers model directory")
+    ap.add_argument(
+        "--model", default=None, help="'smollm2' or a local transformers model directory"
+    )
     ap.add_argument("--layers", type=int, default=None, help="demo model with this many layers")
     # One thread: see bench_chain.py (shared machine; 2 threads are far noisier here).
     ap.add_argument("--threads", type=int, default=1)

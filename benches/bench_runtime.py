@@ -450,7 +450,9 @@ def _print_tables(ttft: dict[str, Any], dec: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--model", metavar="PATH", help="local transformers model (default: demo)")
+    ap.add_argument(
+        "--model", metavar="PATH", help="'smollm2' or a local transformers model (default: demo)"
+    )
     ap.add_argument("--conv-len", type=int, default=2048)
     ap.add_argument(
         "--repeats", type=int, default=21, help="aLoRA/limit TTFT pairs (median; default 21)"
