@@ -33,6 +33,14 @@ ATTN_IMPLEMENTATION = "alora_paged"
 # --------------------------------------------------------------------------------------------
 
 
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[len(blocks) * block_size, KVH, d]: the slots of `blocks`, in order. Whole blocks are
+    contiguous runs of slots: index_select copies them as memcpy rows, several times faster
+    than advanced indexing slot by slot."""
+    per_block = cache.view(-1, block_size, *cache.shape[1:]).index_select(0, blocks)
+    return per_block.view(-1, *cache.shape[1:])
+
+
 @dataclass
 class SeqGroup:
     """Sequences attended together in one SDPA call, padded to the group's longest query and
@@ -55,9 +63,7 @@ class SeqGroup:
         """[S, L, KVH, d] keys or values of every sequence's context, padded."""
         if self.kv_blocks is None:
             return cache[self.kv_slots]
-        # Whole blocks are contiguous runs of slots: index_select copies them as memcpy
-        # rows, several times faster than advanced indexing slot by slot.
-        blocks = cache.view(-1, block_size, *cache.shape[1:]).index_select(0, self.kv_blocks)
+        blocks = _gather_blocks(cache, self.kv_blocks, block_size)
         return blocks.view(self.kv_slots.shape[0], -1, *cache.shape[1:])
 
     def mask(self, sliding_window: int | None) -> torch.Tensor:
@@ -87,7 +93,8 @@ class ChunkSeq:
     q0: int
     q1: int
     cached: int  # tokens of context already in the cache before this chunk
-    cached_slots: torch.Tensor | None  # int64 [cached] cache slots (None: see cached_start)
+    # The cached part's blocks, int64 [ceil(cached / block_size)] (None: see cached_start).
+    cached_blocks: torch.Tensor | None
     cached_start: int  # when the cached slots are one contiguous range: its first slot
 
     @property
@@ -196,18 +203,15 @@ def _chunk_seqs(
         # The chunk must be the context's tail, in order (what the engine schedules).
         if not np.array_equal(positions[q0:q1], np.arange(cached, cached + q1 - q0)):
             return None
-        slots, start = None, 0
+        blocks, start = None, 0
         if cached:
             rng = _slot_range(block_tables[i], cached, block_size)
             if rng is None:
-                pos = np.arange(cached, dtype=np.int64)
-                slots_np = block_tables[i][pos // block_size].astype(np.int64) * block_size + (
-                    pos % block_size
-                )
-                slots = torch.from_numpy(slots_np).to(device)
+                nb = -(-cached // block_size)
+                blocks = torch.from_numpy(block_tables[i][:nb].astype(np.int64)).to(device)
             else:
                 start = rng[0]
-        out.append(ChunkSeq(q0, q1, cached, slots, start))
+        out.append(ChunkSeq(q0, q1, cached, blocks, start))
     return out
 
 
@@ -283,9 +287,13 @@ def paged_attention(
             if whole and len(meta.groups) == 1:
                 # The whole step is one chunk: SDPA's output, transposed, is already the
                 # contiguous [T, H, d] the model wants; no copy into `out`.
-                return _chunk_attention(query, key, value, k_cache, v_cache, chunks[0], scaling)
+                return _chunk_attention(
+                    query, key, value, k_cache, v_cache, chunks[0], scaling, cache.block_size
+                )
             for c in chunks:
-                out[c.q0 : c.q1] = _chunk_attention(query, key, value, k_cache, v_cache, c, scaling)
+                out[c.q0 : c.q1] = _chunk_attention(
+                    query, key, value, k_cache, v_cache, c, scaling, cache.block_size
+                )
             continue
         if not prefill and gi == 0 and meta.decode_range is not None:
             start, length = meta.decode_range
@@ -339,6 +347,7 @@ def _chunk_attention(
     v_cache: torch.Tensor,
     c: ChunkSeq,
     scaling: float | None,
+    block_size: int,
 ) -> torch.Tensor:
     """[Q, H, d]: causal attention of one chunk over its own K/V (as the step computed them,
     rounded to the cache dtype like the reference path reads them) and, merged by
@@ -351,11 +360,13 @@ def _chunk_attention(
     if c.cached == 0:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
         return o[0].transpose(0, 1)
-    if c.cached_slots is None:
+    if c.cached_blocks is None:
         kc = k_cache[c.cached_start : c.cached_start + c.cached]
         vc = v_cache[c.cached_start : c.cached_start + c.cached]
     else:
-        kc, vc = k_cache[c.cached_slots], v_cache[c.cached_slots]
+        # Whole blocks (memcpy runs), then the cached prefix of them.
+        kc = _gather_blocks(k_cache, c.cached_blocks, block_size)[: c.cached]
+        vc = _gather_blocks(v_cache, c.cached_blocks, block_size)[: c.cached]
     kc = kc.to(q.dtype).transpose(0, 1)[None]
     vc = vc.to(q.dtype).transpose(0, 1)[None]
     o_own, lse_own = _flash_lse(q, k, v, True, scaling)
