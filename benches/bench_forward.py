@@ -6,9 +6,10 @@ decode time = time for 1 + M tokens minus time for 1 token (each pays its prefil
 
     python benches/bench_forward.py --model smollm2            # N = 512, 1k, 2k, 4k
     python benches/bench_forward.py --model smollm2 --quick    # N = 512, fewer repeats
-    python benches/bench_forward.py --profile prefill:1024     # torch.profiler tables
+    python benches/bench_forward.py --model smollm2 --profile prefill:1024   # profiler tables
 
-HF runs on its own copy of the model (no hooks on it). Writes benches/results/forward.json."""
+HF runs on its own copy of the model (no hooks on it). Writes benches/results/<--name>.json
+(default forward.json; the README's results section renders forward.json)."""
 
 from __future__ import annotations
 
@@ -208,7 +209,7 @@ def profile(s: Systems, what: str, vocab: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2", help="'smollm2', 'demo' or a directory")
+    ap.add_argument("--model", default="demo", help="'smollm2', 'demo' or a directory")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", type=int, nargs="+", default=None)
     ap.add_argument("--repeats", type=int, default=None)
@@ -217,6 +218,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", default=None, help="prefill:N or decode:P: profiler tables")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--name", default="forward", help="results/<name>.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -251,7 +253,7 @@ def main() -> None:
         },
     }
     if not args.no_write and not args.quick:
-        _log(f"wrote {write_result('forward', payload)}")
+        _log(f"wrote {write_result(args.name, payload)}")
 
 
 if __name__ == "__main__":

@@ -234,10 +234,11 @@ def core(d: dict[str, Any]) -> list[str]:
 
 
 def runtime(results: Path) -> list[str]:
-    """Issue #3's figures (bench_runtime.py): demo model, plus a wider model when present."""
+    """Issue #3's figures (bench_runtime.py): demo model, plus a wider model and SmolLM2
+    when present."""
     out = ["### aLoRA invocation TTFT and multi-adapter decode (`bench_runtime.py`)", ""]
     rows = []
-    for folder in (results, results / "wide_model"):
+    for folder in (results, results / "wide_model", results / "smollm2"):
         ttft_path = folder / "runtime_alora_ttft.json"
         dec_path = folder / "runtime_decode_16_adapters.json"
         if not (ttft_path.is_file() and dec_path.is_file()):
