@@ -1,6 +1,6 @@
 """The attention fast paths (causal prefill over the chunk's own K/V plus its cached part,
-in-place decode over a contiguous context, whole-block gathers) against the reference path (gathered slots and
-an explicit mask) and a dense float64 reference, on random layouts."""
+in-place decode over a contiguous context, whole-block gathers) against the reference path
+(gathered slots and an explicit mask) and a dense float64 reference, on random layouts."""
 
 from __future__ import annotations
 
