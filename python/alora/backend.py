@@ -252,10 +252,10 @@ class TorchBackend:
         # Row-vector times transposed rows: 4-5x faster on the CPU than a @ x as columns.
         v = torch.bmm(xs[:, None, :], a.transpose(1, 2))  # [n, 1, rank]
         v.mul_(batch.seg_scale.to(v.dtype)[:, None, None])
-        delta = torch.bmm(v, bt)[:, 0]  # [n, out]
-        if identity:
-            y[:n] += delta
+        if identity and y.is_contiguous():
+            y[:n].view(n, 1, -1).baddbmm_(v, bt)  # expand straight into y, no temporary
         else:
+            delta = torch.bmm(v, bt)[:, 0]  # [n, out]
             y.index_add_(0, batch.token_idx, delta)
 
     @staticmethod
