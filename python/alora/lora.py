@@ -9,6 +9,7 @@ change, and outside a step the hooks return at once.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -215,8 +216,9 @@ def lora_step(state: LoraStep) -> Iterator[LoraStep]:
         _STEP.reset(token)
 
 
-# id(owner) -> its hooks, so that a step can (de)activate them; entries leave on remove().
-_HOOKS_OF: dict[int, LoraHooks] = {}
+# id(owner) -> its hooks, so that a step can (de)activate them. Weak: the runtime holds its
+# hooks, and a runtime dropped without detach must not keep its model alive through here.
+_HOOKS_OF: weakref.WeakValueDictionary[int, LoraHooks] = weakref.WeakValueDictionary()
 
 
 class LoraHooks:
@@ -259,7 +261,7 @@ class LoraHooks:
                 h.remove()
         self._handles.clear()
         if _HOOKS_OF.get(id(self._owner)) is self:
-            del _HOOKS_OF[id(self._owner)]
+            _HOOKS_OF.pop(id(self._owner), None)
 
 
 def _make_hook(owner: object, layer: int, name: str) -> Any:
