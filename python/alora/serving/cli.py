@@ -55,7 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_adapter_arg,
         default=[],
         metavar="NAME=PATH",
-        help="PEFT LoRA/aLoRA adapter to load (repeatable)",
+        help="PEFT LoRA/aLoRA adapter to load (repeatable). With the default model and no "
+        "--adapter, the shipped intrinsics are served: answerability, support (aLoRA) and "
+        "answerability-lora, support-lora",
+    )
+    m.add_argument(
+        "--no-default-adapters",
+        action="store_true",
+        help="serve the default model without its shipped intrinsics",
     )
     m.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
     m.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if any)")
@@ -120,6 +127,21 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
     return model, AutoTokenizer.from_pretrained(args.model), args.model
 
 
+def _adapters(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The adapters to load: --adapter, else the intrinsics trained for the default model."""
+    default_model = args.model in (None, "smollm2") and not args.tiny
+    if args.adapter or not default_model or getattr(args, "no_default_adapters", False):
+        return list(args.adapter)
+    from alora.rag_tasks import ADAPTER_DIR
+
+    return [
+        (f"{task}{suffix}", str(ADAPTER_DIR / task / kind))
+        for task in ("answerability", "support")
+        for kind, suffix in (("alora", ""), ("lora", "-lora"))
+        if (ADAPTER_DIR / task / kind / "adapter_config.json").is_file()
+    ]
+
+
 def build(args: argparse.Namespace) -> tuple[Any, Any]:
     """The runtime and the app (adapters loaded, nothing served yet)."""
     import torch
@@ -137,7 +159,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.max_model_len:
         kwargs["max_model_len"] = args.max_model_len
     rt = AdapterRuntime(model, tokenizer, **kwargs)
-    for name, path in args.adapter:
+    for name, path in _adapters(args):
         rt.load_adapter(name, path)
     name = args.served_model_name or default_name
     config = ServerConfig(
