@@ -56,8 +56,9 @@ def chain(d: dict[str, Any]) -> list[str]:
     systems = list(dict.fromkeys(r["system"] for r in rows))
     lengths = sorted({r["length"] for r in rows})
     by = {(r["system"], r["length"]): r for r in rows}
+    name = p.get("name", "chain")
     out = [
-        "### Agentic chain",
+        "### Agentic chain" + ("" if name == "chain" else f" (`--name {name}`)"),
         "",
         _prov(d),
         "",
@@ -72,16 +73,23 @@ def chain(d: dict[str, Any]) -> list[str]:
     for n in lengths:
         cells = [_f(by[(s, n)]["ttft_inv_median_s"], ".4f") for s in systems]
         out.append(f"| {n} | " + " | ".join(cells) + " |")
+    cpu = all("chain_cpu_s" in r for r in rows)
     out += [
         "",
-        "End-to-end chain time (s) / tokens computed:",
+        "End-to-end chain time (s"
+        + (", wall / process CPU" if cpu else "")
+        + f"; {p.get('turns', 1)} base turn(s), {p.get('repeats', 1)} repeat(s))"
+        " / tokens computed:",
         "",
         "| N | " + " | ".join(systems) + " |",
         "|---:|" + "---:|" * len(systems),
     ]
     for n in lengths:
         cells = [
-            f"{_f(by[(s, n)]['chain_s'], '.2f')} / {by[(s, n)]['computed_tokens']}" for s in systems
+            f"{_f(by[(s, n)]['chain_s'], '.2f')}"
+            + (f" / {_f(by[(s, n)]['chain_cpu_s'], '.2f')}" if cpu else "")
+            + f" / {by[(s, n)]['computed_tokens']}"
+            for s in systems
         ]
         out.append(f"| {n} | " + " | ".join(cells) + " |")
     out += ["", "| target | measured | limit | verdict |", "|---|---:|---:|---|"]
