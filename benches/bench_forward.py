@@ -235,6 +235,7 @@ def main() -> None:
     decode = bench_decode(s, args.decode_prompt, new, repeats, vocab)
     payload = {
         "bench": "forward",
+        "name": args.name,
         "command": " ".join(["python", "benches/bench_forward.py", *sys.argv[1:]]),
         "model": label,
         "model_info": {

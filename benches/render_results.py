@@ -115,8 +115,11 @@ def forward(d: dict[str, Any]) -> list[str]:
     t = d["targets"]
     pre_limit, dec_limit = t["prefill_ours_over_hf_max"], t["decode_ours_over_hf_min"]
     c = d.get("target_clock", "cpu")
+    name = d.get("name", "forward")
     out = [
-        "### Our forward vs Hugging Face's (`bench_forward.py`)",
+        "### Our forward vs Hugging Face's (`bench_forward.py`"
+        + ("" if name == "forward" else f" `--name {name}`")
+        + ")",
         "",
         _prov(d),
         "",
@@ -284,8 +287,10 @@ def runtime(results: Path) -> list[str]:
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "forward": forward,
+    "forward_r2": forward,
     "chain": chain,
     "chain_smollm2": chain,
+    "chain_smollm2_r2": chain,
     "fanout": fanout,
     "trace": trace,
     "core_scheduler": core,
