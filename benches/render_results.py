@@ -309,7 +309,9 @@ def render(results: Path = RESULTS) -> str:
     for name, fn in RENDERERS.items():
         path = results / f"{name}.json"
         if path.is_file():
-            lines += fn(json.loads(path.read_text()))
+            d = json.loads(path.read_text())
+            d.setdefault("name", name)  # which file, for renderers that title by it
+            lines += fn(d)
     return "\n".join(lines).rstrip() + "\n"
 
 
