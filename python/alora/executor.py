@@ -15,7 +15,14 @@ from torch import nn
 from alora.attention import AttentionStep, attention_step, build_attention_metadata
 from alora.backend import LoraBackend
 from alora.kv_cache import PagedKVCache
-from alora.lora import AdapterEntry, AdapterPools, LoraStep, build_lora_batches, lora_step
+from alora.lora import (
+    AdapterEntry,
+    AdapterPools,
+    LoraHooks,
+    LoraStep,
+    build_lora_batches,
+    lora_step,
+)
 from alora.model import ModelGeometry
 from alora.plan import PreWork, StepWork
 
@@ -30,6 +37,7 @@ class StepExecutor:
         cache: PagedKVCache,
         pools: AdapterPools,
         backend: LoraBackend,
+        hooks: LoraHooks,
         layer_of: dict[int, int],
         block_size: int,
     ) -> None:
@@ -39,6 +47,7 @@ class StepExecutor:
         self.cache = cache
         self.pools = pools
         self.backend = backend
+        self.hooks = hooks
         self.layer_of = layer_of
         self.block_size = block_size
         self.module_names = [m.name for m in geometry.modules]
@@ -75,6 +84,8 @@ class StepExecutor:
             pools=self.pools,
             backend=self.backend,
         )
+        # Hooks only on the modules this step's adapters target (none on a base step).
+        self.hooks.activate(name for name, b in lora.batches.items() if b is not None)
         input_ids = torch.from_numpy(np.asarray(work.input_ids, dtype=np.int64)).to(dev)
         positions = torch.from_numpy(np.asarray(work.attention.positions, dtype=np.int64)).to(dev)
         keep = torch.from_numpy(np.asarray(work.sample_indices, dtype=np.int64)).to(dev)

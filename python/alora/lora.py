@@ -9,7 +9,6 @@ change, and outside a step the hooks return at once.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -204,21 +203,13 @@ _STEP: ContextVar[LoraStep | None] = ContextVar("alora_lora_step", default=None)
 
 @contextlib.contextmanager
 def lora_step(state: LoraStep) -> Iterator[LoraStep]:
-    """Inside: the owner's hooks add the LoRA deltas of `state`'s batches. Only modules that
-    some segment of the step targets carry a hook (see `LoraHooks.activate`)."""
-    hooks = _HOOKS_OF.get(id(state.owner))
-    if hooks is not None:
-        hooks.activate(name for name, batch in state.batches.items() if batch is not None)
+    """Inside: the owner's hooks add the LoRA deltas of `state`'s batches (the caller has
+    activated hooks on the modules the batches name, see `LoraHooks.activate`)."""
     token = _STEP.set(state)
     try:
         yield state
     finally:
         _STEP.reset(token)
-
-
-# id(owner) -> its hooks, so that a step can (de)activate them. Weak: the runtime holds its
-# hooks, and a runtime dropped without detach must not keep its model alive through here.
-_HOOKS_OF: weakref.WeakValueDictionary[int, LoraHooks] = weakref.WeakValueDictionary()
 
 
 class LoraHooks:
@@ -234,7 +225,6 @@ class LoraHooks:
             for spec in geometry.modules
         }
         self._handles: dict[str, list[RemovableHandle]] = {}
-        _HOOKS_OF[id(owner)] = self
 
     @property
     def active(self) -> frozenset[str]:
@@ -260,8 +250,6 @@ class LoraHooks:
             for h in handles:
                 h.remove()
         self._handles.clear()
-        if _HOOKS_OF.get(id(self._owner)) is self:
-            _HOOKS_OF.pop(id(self._owner), None)
 
 
 def _make_hook(owner: object, layer: int, name: str) -> Any:

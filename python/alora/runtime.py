@@ -146,6 +146,7 @@ class AdapterRuntime:
             cache=self._cache,
             pools=self._pools,
             backend=lora_backend or _default_backend(self.device),
+            hooks=self._hooks,
             layer_of=layer_of,
             block_size=block_size,
         )
