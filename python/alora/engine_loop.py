@@ -231,7 +231,8 @@ class EngineLoop:
                 done, self._manual_outputs = self._manual_outputs, []
             if done:
                 return done
-        if not self._step_lock.acquire(blocking=False):
+        # The loop waits for a manual step in progress; a manual step never waits for the loop.
+        if not self._step_lock.acquire(blocking=not manual):
             raise _core.StepError("another thread is running a step of this runtime")
         try:
             outputs = self._step(manual)
