@@ -310,6 +310,9 @@ class Conversation:
 def _progress(iterable: Iterable[Any] | None = None, **kw: Any) -> Any:
     from tqdm.auto import tqdm
 
+    # disable=None: no bar when stderr is not a terminal (a CI log would interleave it with
+    # the table rows).
+    kw.setdefault("disable", None)
     return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kw)
 
 
