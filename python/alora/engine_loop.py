@@ -93,7 +93,7 @@ class RequestState:
     channel: Channel | None
     t_start: float
     t_first: float | None = None
-    output_ids: list[int] = field(default_factory=list)  # what logits processors see
+    output_ids: list[int] = field(default_factory=list)  # kept only for logits processors
     logits: list[torch.Tensor] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -280,7 +280,9 @@ class EngineLoop:
         st = self.requests.get(rid)
         if st is None:  # aborted since; its sample is ignored
             return SampleRequest(_GREEDY, None, ())
-        return SampleRequest(st.params, st.generator, tuple(st.output_ids))
+        # A snapshot only for processors: copying every request's ids each step is quadratic.
+        ids = tuple(st.output_ids) if st.params.logits_processors else ()
+        return SampleRequest(st.params, st.generator, ids)
 
     def _count_failure(self, work: StepWork, exc: BaseException) -> None:
         for r in work.request_ids:
@@ -322,7 +324,8 @@ class EngineLoop:
                 continue
             s = sampled[row_of[rid]]
             assert isinstance(s, Sampled)
-            st.output_ids.append(s.token)
+            if st.params.logits_processors:
+                st.output_ids.append(s.token)
             if st.t_first is None:
                 st.t_first = now
             if st.return_logits:
