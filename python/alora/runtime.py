@@ -36,9 +36,11 @@ from alora.prompts import (
     as_adapter_list,
     as_prompt_list,
     config_json,
-    invocation_tokens,
     prompt_ids,
     state_dict_arrays,
+)
+from alora.prompts import (
+    invocation_tokens as config_invocation_tokens,
 )
 from alora.sampling import LogitsProcessor, SamplingParams
 
@@ -83,8 +85,7 @@ class AdapterRuntime:
             ("max_num_seqs", max_num_seqs),
             ("page_rows", page_rows),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            sizing.positive_int(name, value)
 
         self.model = model
         self.tokenizer = tokenizer
@@ -190,7 +191,7 @@ class AdapterRuntime:
             path = str(Path(path).expanduser())
             inv = invocation_tokens
             if inv is None:
-                inv = _invocation(self.tokenizer, path=path)
+                inv = config_invocation_tokens(self.tokenizer, path=path)
             with self._loop.lock:
                 info = self._engine.load_adapter(name, path, inv)
                 self._register(info)
@@ -200,7 +201,7 @@ class AdapterRuntime:
         cfg = config_json(config)
         inv = invocation_tokens
         if inv is None:
-            inv = _invocation(self.tokenizer, config_json_text=cfg)
+            inv = config_invocation_tokens(self.tokenizer, config_json_text=cfg)
         assert state_dict is not None
         tensors = state_dict_arrays(state_dict)
         with self._loop.lock:
@@ -579,12 +580,6 @@ class AdapterRuntime:
 
 
 # -------------------------------------------------------------------------------- helpers
-
-
-def _invocation(
-    tokenizer: Any | None, *, path: str | None = None, config_json_text: str | None = None
-) -> list[int] | None:
-    return invocation_tokens(tokenizer, path=path, config_json_text=config_json_text)
 
 
 def _default_backend(device: Any) -> LoraBackend:

@@ -13,7 +13,7 @@ CPU_ADAPTER_BYTES = 1 << 30
 MIN_BLOCKS = 4
 
 
-def _positive(name: str, value: object) -> int:
+def positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
@@ -35,7 +35,7 @@ def kv_blocks(
 ) -> int:
     per_block = geo.kv_bytes_per_block(block_size)
     if blocks is not None:
-        return _positive("kv_cache_blocks", blocks)
+        return positive_int("kv_cache_blocks", blocks)
     if memory is not None:
         n = _bytes("kv_cache_memory", memory) // per_block
         if n < 1:
@@ -51,7 +51,7 @@ def kv_blocks(
 def adapter_rows(geo: ModelGeometry, rows: int | None, memory: int | None, page_rows: int) -> int:
     per_row = geo.adapter_bytes_per_row()
     if rows is not None:
-        return _positive("adapter_rows", rows)
+        return positive_int("adapter_rows", rows)
     if memory is not None:
         n = _bytes("adapter_memory", memory) // per_row
         if n < 1:
