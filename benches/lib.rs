@@ -29,10 +29,11 @@ pub fn engine(num_blocks: usize, max_num_seqs: usize) -> Engine {
             max_batch_tokens: 8192,
             max_num_seqs,
             max_model_len: 1 << 16,
-            adapter_rows: 4096,
-            page_rows: 8,
             enable_prefix_cache: true,
+            kv_block_cap: None,
+            adapter_block_cap: None,
         },
+        HIDDEN,
     )
     .expect("valid config")
 }

@@ -5,7 +5,7 @@
 
 use alora_benches::{engine, load_adapter};
 use alora_core::engine::{Engine, RequestParams};
-use alora_core::pages::RowPool;
+use alora_core::kv::BlockPool;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use std::hint::black_box;
 
@@ -104,12 +104,13 @@ fn bench_prefix_lookup(c: &mut Criterion) {
 }
 
 fn bench_adapter_paging(c: &mut Criterion) {
-    // 64 adapters of rank 16 cycling through a pool that holds 16: every admit evicts one.
-    let mut pool = RowPool::new(16 * 16, 8).unwrap();
+    // 64 adapters of 2 units each cycling through a unit pool that holds 16 of them: every
+    // admit evicts one (the pool is the one KV blocks share).
+    let mut pool = BlockPool::new(32);
     let mut i = 0u64;
-    c.bench_function("adapter_admit_evict_rank16", |b| {
+    c.bench_function("adapter_admit_evict_2_units", |b| {
         b.iter(|| {
-            let r = pool.ensure_resident(black_box(i % 64), 16).unwrap();
+            let r = pool.ensure_adapter(black_box(i % 64), 2).unwrap();
             i += 1;
             r
         })

@@ -9,6 +9,7 @@ use crate::adapters::{
 };
 use crate::error::{Error, Result};
 use crate::invocation::activation_start;
+use crate::pages::UnitGeometry;
 use crate::plan::StepPlan;
 use crate::request::{ActiveAdapter, Counters, Request, RequestId, RequestOutput, Status};
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -30,11 +31,31 @@ pub struct RequestParams {
     pub stop_token_ids: Vec<u32>,
 }
 
+/// Per module, the largest rank over layers (0: never adapted).
+fn module_ranks(a: &Adapter) -> Vec<usize> {
+    (0..a.num_modules())
+        .map(|m| {
+            (0..a.num_layers())
+                .map(|l| a.module_rank(l, m))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
 impl Engine {
-    pub fn new(spec: ModelSpec, cfg: SchedulerConfig) -> Result<Self> {
+    /// `kv_dim` = kv_heads × head_dim: with `block_size` it sets the unit geometry that
+    /// adapter rows are packed into.
+    pub fn new(spec: ModelSpec, cfg: SchedulerConfig, kv_dim: usize) -> Result<Self> {
+        let modules: Vec<(String, usize, usize)> = spec
+            .modules
+            .iter()
+            .map(|m| (m.name.clone(), m.in_features, m.out_features))
+            .collect();
+        let geo = UnitGeometry::new(cfg.block_size, kv_dim, &modules, cfg.num_blocks)?;
         Ok(Self {
             registry: AdapterRegistry::new(spec),
-            scheduler: Scheduler::new(cfg)?,
+            scheduler: Scheduler::new(cfg, geo)?,
             next_request: 0,
             vocab_size: None,
         })
@@ -113,13 +134,17 @@ impl Engine {
                 });
             }
         }
-        if !self.scheduler.rows.fits_ever(a.max_rank) {
+        let units = self.scheduler.register_adapter(a.id, &module_ranks(a));
+        let pool = self.scheduler.pool();
+        let limit = pool.num_blocks().min(pool.adapter_cap());
+        if units > limit {
             let name = a.name.clone();
+            self.scheduler.unregister_adapter(a.id)?;
             self.registry.unload(&name)?;
             return Err(Error::Capacity(format!(
-                "adapter `{name}` has rank {} but the device pool holds {} rank rows; raise adapter_rows",
-                a.max_rank,
-                self.scheduler.rows.total_rows()
+                "adapter `{name}` (rank {}) needs {units} memory units but adapters may hold {limit}; \
+                 raise device_memory (or adapter_memory)",
+                a.max_rank
             )));
         }
         Ok(a.clone())
@@ -138,7 +163,7 @@ impl Engine {
                 requests: busy,
             });
         }
-        self.scheduler.rows.evict(id)?;
+        self.scheduler.unregister_adapter(id)?;
         self.registry.unload(name)?;
         Ok(())
     }
@@ -170,13 +195,6 @@ impl Engine {
             .saturating_add(params.max_new_tokens)
             .min(cfg.max_model_len);
         let blocks = (max_len - 1).div_ceil(cfg.block_size);
-        if blocks > cfg.num_blocks {
-            return Err(Error::Capacity(format!(
-                "request of up to {max_len} tokens needs {blocks} KV blocks but the pool has {}; \
-                 shorten the prompt or max_new_tokens, or enlarge the KV cache",
-                cfg.num_blocks
-            )));
-        }
         let active = match &params.adapter {
             None => None,
             Some(name) => {
@@ -187,13 +205,33 @@ impl Engine {
                         activation_start(&prompt, a.invocation_tokens.as_deref().unwrap_or(&[]))
                     }
                 };
+                let units = self
+                    .scheduler
+                    .adapter_units(a.id)
+                    .expect("registered adapters have a shape");
                 start.map(|start| ActiveAdapter {
                     id: a.id,
-                    rank: a.max_rank,
+                    units,
                     start,
                 })
             }
         };
+        let pool = self.scheduler.pool();
+        let units = active.map_or(0, |a| a.units);
+        if blocks > pool.kv_cap() || blocks + units > pool.num_blocks() {
+            let adapter = if units > 0 {
+                format!(" plus {units} for its adapter")
+            } else {
+                String::new()
+            };
+            return Err(Error::Capacity(format!(
+                "request of up to {max_len} tokens needs {blocks} KV blocks{adapter} but the pool \
+                 has {} (KV may hold {}); shorten the prompt or max_new_tokens, or raise \
+                 device_memory",
+                pool.num_blocks(),
+                pool.kv_cap()
+            )));
+        }
         let id = self.next_request;
         self.next_request += 1;
         let prompt_len = prompt.len();
@@ -217,8 +255,9 @@ impl Engine {
         Ok(id)
     }
 
+    /// The next step, or `None` when nothing can run now (see [`Scheduler::schedule`]).
     pub fn schedule(&mut self) -> Result<Option<StepPlan>> {
-        self.scheduler.schedule()
+        self.scheduler.schedule(&|_| true)
     }
 
     pub fn commit(&mut self, step_id: u64, sampled: &[i64]) -> Result<Vec<RequestOutput>> {
@@ -265,27 +304,31 @@ impl Engine {
     /// Counters for monitoring and leak checks.
     pub fn stats(&self) -> Vec<(&'static str, u64)> {
         let s = &self.scheduler;
-        let pool = &s.kv.pool;
+        let pool = s.pool();
+        let ad = pool.adapters();
         let st = &s.stats;
         vec![
             ("free_blocks", pool.num_free() as u64),
             ("total_blocks", pool.num_blocks() as u64),
-            ("used_blocks", (pool.num_blocks() - pool.num_free()) as u64),
+            (
+                "used_blocks",
+                (pool.kv_held() + pool.num_empty() - pool.num_free()) as u64,
+            ),
             ("cached_blocks", pool.num_cached() as u64),
+            ("adapter_blocks", ad.num_units() as u64),
+            ("kv_block_cap", pool.kv_cap() as u64),
+            ("adapter_block_cap", pool.adapter_cap() as u64),
             ("running", s.num_running() as u64),
             ("waiting", s.num_waiting() as u64),
             ("loaded_adapters", self.registry.len() as u64),
-            ("resident_adapters", s.rows.num_resident() as u64),
+            ("resident_adapters", ad.num_resident() as u64),
             (
                 "pinned_adapters",
-                s.rows
-                    .resident()
+                ad.resident()
                     .into_iter()
-                    .filter(|&a| s.rows.pin_count(a) > 0)
+                    .filter(|&a| ad.pin_count(a) > 0)
                     .count() as u64,
             ),
-            ("free_adapter_rows", s.rows.free_rows() as u64),
-            ("total_adapter_rows", s.rows.total_rows() as u64),
             ("prefix_query_tokens", st.prefix_query_tokens),
             ("prefix_hit_tokens", st.prefix_hit_tokens),
             ("preemptions", st.preemptions),

@@ -1,255 +1,267 @@
-//! Device residency of adapter weights, as bookkeeping only.
+//! Adapters on the device, as bookkeeping only: which memory units each resident adapter
+//! holds (with pins and recency), and where inside those units its rank rows lie.
 //!
-//! On the device every (layer, module) has a pool of *rank rows* (`A_pool[R, in]`,
-//! `Bt_pool[R, out]`). All pools share one row index space `[0, R)`, so an adapter of
-//! rank r owns the same r row ids in every pool, and one [`RowPool`] describes them all.
-//! Rows are handed out in pages of `page_rows`; an adapter takes `ceil(r / page_rows)`
-//! pages, not necessarily contiguous, and uses the first r rows of them in page order.
-//! Ranks are not padded to a maximum, so only the tail of the last page is wasted.
-//!
-//! Running requests pin their adapter; unpinned resident adapters are evicted least
-//! recently used first when rows are needed. Every operation is O(log n) in the number
-//! of resident adapters (plus the adapter's own pages/rows where they are built).
+//! The device has one pool of *units* (see [`crate::kv::BlockPool`]): unit `u` is KV block
+//! `u` in every layer, or a piece of adapter storage. In one layer a unit is two *pieces* of
+//! `P = block_size * kv_dim` elements (its K slots and its V slots). An adapter's rank row j
+//! of module m is one *item* of `in_m + out_m` elements (the A row, then the Bt row) placed
+//! inside one piece, at the same place in every layer. Items are addressed by *row ids*:
+//! row id `c` starts at element `c * g` of the layer's flat arena (K side then V side), where
+//! the granularity `g` divides `P` and every item width. An adapter holds only the rows its
+//! targeted modules need, at each module's own rank: no padding to a maximum rank.
 
 use std::collections::{BTreeMap, HashMap};
 
 use crate::error::{Error, Result};
+use crate::kv::BlockId;
 
 /// Adapter handle; the same alias as the adapter registry's.
 pub type AdapterId = u64;
 
-/// Outcome of [`RowPool::ensure_resident`].
+/// How adapter rows map onto units: fixed per engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitGeometry {
+    /// Elements of one piece (one unit, one layer, one of K/V).
+    pub piece_elems: usize,
+    /// Row-id granularity in elements.
+    pub granularity: usize,
+    /// Item width (in + out) of each module, in elements.
+    pub item_elems: Vec<usize>,
+    pub num_units: usize,
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+impl UnitGeometry {
+    /// `modules`: (name, in_features, out_features) in engine order; a piece is
+    /// `block_size * kv_dim` elements.
+    pub fn new(
+        block_size: usize,
+        kv_dim: usize,
+        modules: &[(String, usize, usize)],
+        num_units: usize,
+    ) -> Result<Self> {
+        let piece_elems = block_size * kv_dim;
+        if piece_elems == 0 {
+            return Err(Error::Config {
+                field: "kv_dim".into(),
+                detail: "block_size × kv_dim must be at least 1".into(),
+            });
+        }
+        let mut g = piece_elems;
+        let mut items = Vec::with_capacity(modules.len());
+        for (name, i, o) in modules {
+            let w = i + o;
+            if w > piece_elems {
+                return Err(Error::Config {
+                    field: "block_size".into(),
+                    detail: format!(
+                        "a rank row of `{name}` ({i} + {o} = {w} elements) does not fit in one \
+                         KV block's share of a layer (block_size {block_size} × kv_dim {kv_dim} \
+                         = {piece_elems} elements); raise block_size to at least {}",
+                        w.div_ceil(kv_dim)
+                    ),
+                });
+            }
+            g = gcd(g, w);
+            items.push(w);
+        }
+        // Row ids are i32 over a layer's whole arena (2 pieces per unit).
+        let chunks = 2u128 * num_units as u128 * piece_elems as u128 / g as u128;
+        if chunks > i32::MAX as u128 {
+            return Err(Error::Config {
+                field: "num_blocks".into(),
+                detail: format!(
+                    "{num_units} units of {piece_elems} elements exceed the 32-bit row id space"
+                ),
+            });
+        }
+        Ok(Self {
+            piece_elems,
+            granularity: g,
+            item_elems: items,
+            num_units,
+        })
+    }
+
+    fn piece_chunks(&self) -> usize {
+        self.piece_elems / self.granularity
+    }
+
+    /// Units an adapter with these per-module ranks occupies.
+    pub fn units_for(&self, module_ranks: &[usize]) -> usize {
+        pack(self, module_ranks).0.div_ceil(2)
+    }
+
+    /// Row ids of an adapter's rows given its units: `(row_start, rows)` with module m's
+    /// rows at `rows[row_start[m]..row_start[m + 1]]`, row j of the module first.
+    pub fn rows(&self, module_ranks: &[usize], units: &[BlockId]) -> (Vec<i32>, Vec<i32>) {
+        let (pieces, place) = pack(self, module_ranks);
+        debug_assert!(pieces.div_ceil(2) <= units.len());
+        let pc = self.piece_chunks();
+        let side_chunks = self.num_units * pc; // chunks of one side (K or V) of a layer
+        let mut row_start = Vec::with_capacity(module_ranks.len() + 1);
+        let mut rows = Vec::with_capacity(place.len());
+        row_start.push(0);
+        for m_place in place {
+            for (piece, offset) in m_place {
+                let unit = units[piece / 2] as usize;
+                let base = (piece % 2) * side_chunks + unit * pc;
+                rows.push((base + offset) as i32);
+            }
+            row_start.push(rows.len() as i32);
+        }
+        (row_start, rows)
+    }
+}
+
+/// First-fit decreasing: every rank row is an item of its module's width, packed into
+/// pieces. Deterministic, so the unit count computed at registration holds at page-in.
+/// Returns (pieces used, per module the (piece, chunk offset) of each row).
+fn pack(geo: &UnitGeometry, module_ranks: &[usize]) -> (usize, Vec<Vec<(usize, usize)>>) {
+    let g = geo.granularity;
+    let cap = geo.piece_chunks();
+    let mut order: Vec<usize> = (0..module_ranks.len())
+        .filter(|&m| module_ranks[m] > 0)
+        .collect();
+    // Widest first; ties by module order so the result is deterministic.
+    order.sort_by_key(|&m| (std::cmp::Reverse(geo.item_elems[m]), m));
+    let mut used: Vec<usize> = Vec::new(); // chunks used per open piece
+    let mut place: Vec<Vec<(usize, usize)>> = module_ranks.iter().map(|_| Vec::new()).collect();
+    // First piece that may still have room for an item of this size: items only shrink,
+    // so pieces before it stay too full for every later item of the same size.
+    for &m in &order {
+        let size = geo.item_elems[m] / g;
+        let mut first = 0;
+        for _ in 0..module_ranks[m] {
+            while first < used.len() && used[first] + size > cap {
+                first += 1;
+            }
+            if first == used.len() {
+                used.push(0);
+            }
+            place[m].push((first, used[first]));
+            used[first] += size;
+        }
+    }
+    (used.len(), place)
+}
+
+/// Outcome of making an adapter resident.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Residency {
-    /// The adapter already held its rows; its weights are on the device.
+    /// The adapter already held its units; its weights are on the device.
     AlreadyResident,
-    /// Rows were just allocated: the caller must copy the adapter's weights into `rows`
-    /// (row j of the adapter goes to `rows[j]`). `evicted` lists the adapters whose rows
-    /// were reclaimed to make room, least recently used first.
+    /// Units were just assigned: the caller must write the adapter's rows into them.
+    /// `evicted` lists the adapters evicted to make room, least recently used first.
     Loaded {
-        rows: Vec<u32>,
+        units: Vec<BlockId>,
         evicted: Vec<AdapterId>,
     },
 }
 
 #[derive(Debug)]
 struct Entry {
-    pages: Vec<u32>,
-    rows: Vec<u32>,
+    units: Vec<BlockId>,
     pins: usize,
-    /// Last `ensure_resident`/`touch`; the key in `lru` while unpinned.
+    /// Last use, on the pool's clock; the key in `lru` while unpinned.
     tick: u64,
 }
 
-/// Rank-row allocator shared by every adapter pool on the device.
-#[derive(Debug)]
-pub struct RowPool {
-    page_rows: usize,
-    num_pages: usize,
-    /// Stack of free page ids; popped from the end, so a fresh pool hands out pages
-    /// in ascending order.
-    free_pages: Vec<u32>,
+/// Resident adapters: the units each holds, pins, and the LRU of the unpinned ones. Units
+/// come from and go back to the pool that owns this set; it decides what to evict.
+#[derive(Debug, Default)]
+pub struct ResidentAdapters {
     entries: HashMap<AdapterId, Entry>,
-    /// Unpinned resident adapters by recency. Pinned ones are kept out so eviction
-    /// never has to skip over them.
     lru: BTreeMap<u64, AdapterId>,
-    /// Pages held by unpinned adapters: what eviction could reclaim right now.
-    evictable_pages: usize,
-    tick: u64,
+    units: usize,
+    evictable_units: usize,
 }
 
-impl RowPool {
-    /// A pool of `total_rows` rows (rounded down to whole pages) in pages of `page_rows`.
-    pub fn new(total_rows: usize, page_rows: usize) -> Result<Self> {
-        if page_rows == 0 {
-            return Err(Error::Config {
-                field: "page_rows".into(),
-                detail: "must be at least 1".into(),
-            });
-        }
-        if total_rows < page_rows {
-            return Err(Error::Config {
-                field: "total_rows".into(),
-                detail: format!("{total_rows} rows is less than one page of {page_rows} rows"),
-            });
-        }
-        let num_pages = total_rows / page_rows;
-        // Row ids are u32 on the device side.
-        if num_pages * page_rows > u32::MAX as usize {
-            return Err(Error::Config {
-                field: "total_rows".into(),
-                detail: format!("{total_rows} rows exceeds the u32 row id space"),
-            });
-        }
-        Ok(Self {
-            page_rows,
-            num_pages,
-            free_pages: (0..num_pages as u32).rev().collect(),
-            entries: HashMap::new(),
-            lru: BTreeMap::new(),
-            evictable_pages: 0,
-            tick: 0,
-        })
-    }
-
-    /// Rows in the pool: whole pages times `page_rows`.
-    pub fn total_rows(&self) -> usize {
-        self.num_pages * self.page_rows
-    }
-
-    /// Rows in free pages (excluding the unused tails of allocated pages).
-    pub fn free_rows(&self) -> usize {
-        self.free_pages.len() * self.page_rows
-    }
-
-    /// Rows held by unpinned resident adapters, i.e. reclaimable by eviction.
-    pub fn evictable_rows(&self) -> usize {
-        self.evictable_pages * self.page_rows
-    }
-
-    pub fn page_rows(&self) -> usize {
-        self.page_rows
-    }
-
-    fn pages_for_rank(&self, rank: usize) -> usize {
-        rank.div_ceil(self.page_rows)
-    }
-
-    /// Rows an adapter of `rank` occupies, counting the tail of its last page.
-    pub fn rows_for_rank(&self, rank: usize) -> usize {
-        self.pages_for_rank(rank) * self.page_rows
-    }
-
-    /// Whether an adapter of `rank` fits in an otherwise empty pool. Rank 0 never fits,
-    /// as [`ensure_resident`](Self::ensure_resident) rejects it.
-    pub fn fits_ever(&self, rank: usize) -> bool {
-        rank > 0 && self.pages_for_rank(rank) <= self.num_pages
-    }
-
+impl ResidentAdapters {
     pub fn is_resident(&self, id: AdapterId) -> bool {
         self.entries.contains_key(&id)
     }
-
-    /// The adapter's row ids, exactly `rank` of them: row j of the adapter is `rows[j]`.
-    pub fn rows(&self, id: AdapterId) -> Option<&[u32]> {
-        self.entries.get(&id).map(|e| e.rows.as_slice())
+    pub fn units(&self, id: AdapterId) -> Option<&[BlockId]> {
+        self.entries.get(&id).map(|e| e.units.as_slice())
+    }
+    pub fn pin_count(&self, id: AdapterId) -> usize {
+        self.entries.get(&id).map_or(0, |e| e.pins)
+    }
+    /// Units held by resident adapters.
+    pub fn num_units(&self) -> usize {
+        self.units
+    }
+    /// Units held by unpinned adapters: what eviction could reclaim.
+    pub fn evictable_units(&self) -> usize {
+        self.evictable_units
+    }
+    pub fn num_resident(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn resident(&self) -> Vec<AdapterId> {
+        self.entries.keys().copied().collect()
+    }
+    /// Unpinned resident adapters, least recently used first.
+    pub fn eviction_order(&self) -> Vec<AdapterId> {
+        self.lru.values().copied().collect()
+    }
+    /// (tick, id) of the least recently used unpinned adapter.
+    pub fn lru_head(&self) -> Option<(u64, AdapterId)> {
+        self.lru.first_key_value().map(|(&t, &id)| (t, id))
     }
 
-    /// The adapter's page ids, in the order its rows use them.
-    pub fn pages(&self, id: AdapterId) -> Option<&[u32]> {
-        self.entries.get(&id).map(|e| e.pages.as_slice())
-    }
-
-    /// Rank of a resident adapter.
-    pub fn rank(&self, id: AdapterId) -> Option<usize> {
-        self.entries.get(&id).map(|e| e.rows.len())
-    }
-
-    /// Make `id` resident with `rank` rows, evicting unpinned adapters least recently
-    /// used first, and only as many as needed. Marks `id` as most recently used.
-    ///
-    /// All or nothing: when the adapter cannot fit even after evicting every unpinned
-    /// adapter, returns `Error::Capacity` and changes nothing (not even recency).
-    /// A rank of 0, or a rank other than the resident one, is a `Config` error.
-    pub fn ensure_resident(&mut self, id: AdapterId, rank: usize) -> Result<Residency> {
-        if let Some(e) = self.entries.get(&id) {
-            if e.rows.len() != rank {
-                return Err(Error::Config {
-                    field: "rank".into(),
-                    detail: format!(
-                        "adapter {id} is resident with rank {}, requested rank {rank}",
-                        e.rows.len()
-                    ),
-                });
-            }
-            self.touch(id);
-            return Ok(Residency::AlreadyResident);
-        }
-        if rank == 0 {
-            return Err(Error::Config {
-                field: "rank".into(),
-                detail: format!("adapter {id} has rank 0"),
-            });
-        }
-        let need = self.pages_for_rank(rank);
-        let available = self.free_pages.len() + self.evictable_pages;
-        if need > available {
-            let why = if need > self.num_pages {
-                "the whole pool is smaller".to_string()
-            } else {
-                format!(
-                    "only {} rows are free or evictable, the rest are pinned",
-                    available * self.page_rows
-                )
-            };
-            return Err(Error::Capacity(format!(
-                "adapter {id} of rank {rank} needs {} of {} adapter rows; {why}",
-                need * self.page_rows,
-                self.total_rows()
-            )));
-        }
-
-        let mut evicted = Vec::new();
-        while self.free_pages.len() < need {
-            // Cannot be empty: `need <= available` was checked above.
-            let (_, victim) = self.lru.pop_first().expect("evictable pages accounted");
-            let e = self.entries.remove(&victim).expect("lru entry is resident");
-            self.evictable_pages -= e.pages.len();
-            self.free_pages.extend(e.pages.iter().rev());
-            evicted.push(victim);
-        }
-
-        // Reversed so pages come out in pop order (ascending in a fresh pool).
-        let mut pages = self.free_pages.split_off(self.free_pages.len() - need);
-        pages.reverse();
-        let page_rows = self.page_rows as u32;
-        let rows: Vec<u32> = pages
-            .iter()
-            .flat_map(|&p| p * page_rows..(p + 1) * page_rows)
-            .take(rank)
-            .collect();
-        self.tick += 1;
-        self.lru.insert(self.tick, id);
-        self.evictable_pages += pages.len();
+    pub(crate) fn insert(&mut self, id: AdapterId, units: Vec<BlockId>, tick: u64) {
+        self.units += units.len();
+        self.evictable_units += units.len();
+        self.lru.insert(tick, id);
         self.entries.insert(
             id,
             Entry {
-                pages,
-                rows: rows.clone(),
+                units,
                 pins: 0,
-                tick: self.tick,
+                tick,
             },
         );
-        Ok(Residency::Loaded { rows, evicted })
     }
 
-    /// Whether [`ensure_resident`](Self::ensure_resident) would succeed now.
-    pub fn can_make_resident(&self, id: AdapterId, rank: usize) -> bool {
-        match self.entries.get(&id) {
-            Some(e) => e.rows.len() == rank,
-            None => {
-                rank > 0
-                    && self.pages_for_rank(rank) <= self.free_pages.len() + self.evictable_pages
-            }
+    /// Remove an unpinned adapter, returning its units.
+    pub(crate) fn remove(&mut self, id: AdapterId) -> Result<Option<Vec<BlockId>>> {
+        let Some(e) = self.entries.get(&id) else {
+            return Ok(None);
+        };
+        if e.pins > 0 {
+            return Err(Error::AdapterBusy {
+                name: format!("{id}"),
+                requests: e.pins,
+            });
         }
+        let e = self.entries.remove(&id).expect("checked above");
+        self.lru.remove(&e.tick);
+        self.units -= e.units.len();
+        self.evictable_units -= e.units.len();
+        Ok(Some(e.units))
     }
 
-    /// Mark `id` as most recently used. Returns whether it is resident (a no-op if not).
-    pub fn touch(&mut self, id: AdapterId) -> bool {
+    pub(crate) fn touch(&mut self, id: AdapterId, tick: u64) -> bool {
         let Some(e) = self.entries.get_mut(&id) else {
             return false;
         };
-        self.tick += 1;
         if e.pins == 0 {
             self.lru.remove(&e.tick);
-            self.lru.insert(self.tick, id);
+            self.lru.insert(tick, id);
         }
-        e.tick = self.tick;
+        e.tick = tick;
         true
     }
 
-    /// Pin a resident adapter so it cannot be evicted. Pins are counted (one per running
-    /// request). Does not change recency. `UnknownAdapter` if `id` is not resident.
+    /// Pins are counted (one per running request); recency is unchanged.
     pub fn pin(&mut self, id: AdapterId) -> Result<()> {
         let e = self
             .entries
@@ -257,14 +269,12 @@ impl RowPool {
             .ok_or_else(|| Error::UnknownAdapter(format!("{id}")))?;
         if e.pins == 0 {
             self.lru.remove(&e.tick);
-            self.evictable_pages -= e.pages.len();
+            self.evictable_units -= e.units.len();
         }
         e.pins += 1;
         Ok(())
     }
 
-    /// Release one pin. `UnknownAdapter` if `id` is not resident, `Config` if it holds
-    /// no pins. Recency is that of its last `ensure_resident`/`touch`.
     pub fn unpin(&mut self, id: AdapterId) -> Result<()> {
         let e = self
             .entries
@@ -278,7 +288,7 @@ impl RowPool {
             1 => {
                 e.pins = 0;
                 self.lru.insert(e.tick, id);
-                self.evictable_pages += e.pages.len();
+                self.evictable_units += e.units.len();
                 Ok(())
             }
             _ => {
@@ -286,44 +296,6 @@ impl RowPool {
                 Ok(())
             }
         }
-    }
-
-    /// Number of pins on `id`; 0 if not resident.
-    pub fn pin_count(&self, id: AdapterId) -> usize {
-        self.entries.get(&id).map_or(0, |e| e.pins)
-    }
-
-    /// Drop `id`'s residency and free its rows (on unload). `Ok(false)` if it was not
-    /// resident; `AdapterBusy` if it is pinned.
-    pub fn evict(&mut self, id: AdapterId) -> Result<bool> {
-        let Some(e) = self.entries.get(&id) else {
-            return Ok(false);
-        };
-        if e.pins > 0 {
-            return Err(Error::AdapterBusy {
-                name: format!("{id}"),
-                requests: e.pins,
-            });
-        }
-        let e = self.entries.remove(&id).expect("checked above");
-        self.lru.remove(&e.tick);
-        self.evictable_pages -= e.pages.len();
-        self.free_pages.extend(e.pages.iter().rev());
-        Ok(true)
-    }
-
-    /// Resident adapters, in no particular order.
-    pub fn resident(&self) -> Vec<AdapterId> {
-        self.entries.keys().copied().collect()
-    }
-
-    pub fn num_resident(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Unpinned resident adapters in eviction order (least recently used first).
-    pub fn eviction_order(&self) -> Vec<AdapterId> {
-        self.lru.values().copied().collect()
     }
 }
 
@@ -333,299 +305,100 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::HashSet;
 
-    fn loaded(r: Residency) -> (Vec<u32>, Vec<AdapterId>) {
-        match r {
-            Residency::Loaded { rows, evicted } => (rows, evicted),
-            Residency::AlreadyResident => panic!("expected Loaded"),
-        }
-    }
-
-    #[test]
-    fn new_validates_and_rounds_down() {
-        assert!(matches!(RowPool::new(16, 0), Err(Error::Config { .. })));
-        assert!(matches!(RowPool::new(3, 4), Err(Error::Config { .. })));
-        let p = RowPool::new(30, 8).unwrap();
-        assert_eq!(p.total_rows(), 24);
-        assert_eq!(p.free_rows(), 24);
-        assert_eq!(p.page_rows(), 8);
-        assert_eq!(p.rows_for_rank(1), 8);
-        assert_eq!(p.rows_for_rank(9), 16);
-        assert!(p.fits_ever(24));
-        assert!(!p.fits_ever(25));
-        assert!(!p.fits_ever(0));
-    }
-
-    #[test]
-    fn rows_are_first_rank_rows_of_pages() {
-        let mut p = RowPool::new(32, 4).unwrap();
-        let (rows, evicted) = loaded(p.ensure_resident(1, 6).unwrap());
-        assert_eq!(rows, vec![0, 1, 2, 3, 4, 5]);
-        assert!(evicted.is_empty());
-        assert_eq!(p.rows(1), Some(&rows[..]));
-        assert_eq!(p.rank(1), Some(6));
-        assert_eq!(p.free_rows(), 24);
-        assert_eq!(p.ensure_resident(1, 6).unwrap(), Residency::AlreadyResident);
-        // A different rank for a resident adapter is a caller bug, not a reload.
-        assert!(matches!(p.ensure_resident(1, 8), Err(Error::Config { .. })));
-        assert!(matches!(p.ensure_resident(2, 0), Err(Error::Config { .. })));
-    }
-
-    #[test]
-    fn pages_need_not_be_contiguous() {
-        let mut p = RowPool::new(12, 4).unwrap();
-        p.ensure_resident(1, 4).unwrap(); // page 0
-        p.ensure_resident(2, 4).unwrap(); // page 1
-        p.ensure_resident(3, 4).unwrap(); // page 2
-        p.evict(1).unwrap();
-        p.evict(3).unwrap();
-        let (rows, _) = loaded(p.ensure_resident(4, 7).unwrap());
-        let pages: HashSet<u32> = rows.iter().map(|r| r / 4).collect();
-        assert_eq!(pages, HashSet::from([0, 2]));
-        assert_eq!(rows.len(), 7);
-    }
-
-    #[test]
-    fn evicts_lru_unpinned_only_as_needed() {
-        let mut p = RowPool::new(16, 4).unwrap();
-        for id in 1..=4 {
-            p.ensure_resident(id, 4).unwrap();
-        }
-        p.touch(1); // order now 2, 3, 4, 1
-        p.pin(2).unwrap();
-        assert_eq!(p.eviction_order(), vec![3, 4, 1]);
-        let (_, evicted) = loaded(p.ensure_resident(5, 8).unwrap());
-        assert_eq!(evicted, vec![3, 4]);
-        assert!(p.is_resident(1) && p.is_resident(2) && p.is_resident(5));
-        assert_eq!(p.num_resident(), 3);
-    }
-
-    #[test]
-    fn failed_ensure_changes_nothing() {
-        let mut p = RowPool::new(16, 4).unwrap();
-        p.ensure_resident(1, 8).unwrap();
-        p.ensure_resident(2, 4).unwrap();
-        p.pin(1).unwrap();
-        assert!(!p.can_make_resident(3, 12));
-        assert!(matches!(p.ensure_resident(3, 12), Err(Error::Capacity(_))));
-        assert!(p.is_resident(2));
-        assert_eq!(p.free_rows(), 4);
-        assert!(p.can_make_resident(3, 8));
-        assert!(matches!(p.ensure_resident(9, 17), Err(Error::Capacity(_))));
-    }
-
-    #[test]
-    fn pins_are_counted_and_block_eviction() {
-        let mut p = RowPool::new(8, 4).unwrap();
-        assert!(matches!(p.pin(1), Err(Error::UnknownAdapter(_))));
-        p.ensure_resident(1, 3).unwrap();
-        p.pin(1).unwrap();
-        p.pin(1).unwrap();
-        assert_eq!(p.pin_count(1), 2);
-        assert!(matches!(
-            p.evict(1),
-            Err(Error::AdapterBusy { requests: 2, .. })
-        ));
-        p.unpin(1).unwrap();
-        assert!(p.evict(1).is_err());
-        p.unpin(1).unwrap();
-        assert!(matches!(p.unpin(1), Err(Error::Config { .. })));
-        assert!(p.evict(1).unwrap());
-        assert!(!p.evict(1).unwrap());
-        assert!(matches!(p.unpin(1), Err(Error::UnknownAdapter(_))));
-        assert_eq!(p.free_rows(), p.total_rows());
-    }
-
-    #[derive(Debug, Clone)]
-    enum Op {
-        Ensure(AdapterId),
-        EnsureWrongRank(AdapterId),
-        Pin(AdapterId),
-        Unpin(AdapterId),
-        Evict(AdapterId),
-        Touch(AdapterId),
-    }
-
-    const IDS: u64 = 12;
-
-    fn op() -> impl Strategy<Value = Op> {
-        let id = 0..IDS;
-        prop_oneof![
-            4 => id.clone().prop_map(Op::Ensure),
-            1 => id.clone().prop_map(Op::EnsureWrongRank),
-            2 => id.clone().prop_map(Op::Pin),
-            2 => id.clone().prop_map(Op::Unpin),
-            1 => id.clone().prop_map(Op::Evict),
-            2 => id.prop_map(Op::Touch),
-        ]
-    }
-
-    /// Reference model: rank, pins and last-use tick per resident adapter.
-    #[derive(Default)]
-    struct Model {
-        resident: HashMap<AdapterId, (usize, usize, u64)>,
-        tick: u64,
-    }
-
-    impl Model {
-        fn bump(&mut self, id: AdapterId) {
-            self.tick += 1;
-            if let Some(e) = self.resident.get_mut(&id) {
-                e.2 = self.tick;
-            }
-        }
-        fn lru_unpinned(&self) -> Vec<AdapterId> {
-            let mut v: Vec<_> = self
-                .resident
-                .iter()
-                .filter(|(_, e)| e.1 == 0)
-                .map(|(&id, e)| (e.2, id))
-                .collect();
-            v.sort();
-            v.into_iter().map(|(_, id)| id).collect()
-        }
-    }
-
-    type Snapshot = (Vec<(AdapterId, Vec<u32>, usize)>, usize, Vec<AdapterId>);
-
-    fn snapshot(p: &RowPool) -> Snapshot {
-        let mut v: Vec<_> = p
-            .resident()
-            .into_iter()
-            .map(|id| (id, p.rows(id).unwrap().to_vec(), p.pin_count(id)))
+    fn geo(piece: usize, widths: &[(usize, usize)], units: usize) -> UnitGeometry {
+        let mods: Vec<_> = widths
+            .iter()
+            .enumerate()
+            .map(|(i, &(a, b))| (format!("m{i}"), a, b))
             .collect();
-        v.sort();
-        (v, p.free_rows(), p.eviction_order())
+        UnitGeometry::new(1, piece, &mods, units).unwrap()
     }
 
-    fn check(p: &RowPool, m: &Model) {
-        let mut seen = HashSet::new();
-        let mut allocated = 0;
-        let pr = p.page_rows() as u32;
-        assert_eq!(p.num_resident(), m.resident.len());
-        for (&id, &(rank, pins, _)) in &m.resident {
-            let rows = p.rows(id).expect("model says resident");
-            let pages = p.pages(id).unwrap();
-            assert_eq!(rows.len(), rank);
-            assert_eq!(pages.len(), p.pages_for_rank(rank));
-            assert_eq!(p.pin_count(id), pins);
-            for (j, &r) in rows.iter().enumerate() {
-                assert!((r as usize) < p.total_rows());
-                assert!(seen.insert(r), "row {r} shared");
-                assert_eq!(r, pages[j / pr as usize] * pr + (j as u32 % pr));
-            }
-            allocated += pages.len() * p.page_rows();
-        }
-        assert_eq!(p.free_rows() + allocated, p.total_rows());
-        assert_eq!(p.eviction_order(), m.lru_unpinned());
-        let evictable: usize = m
-            .resident
-            .values()
-            .filter(|e| e.1 == 0)
-            .map(|e| p.rows_for_rank(e.0))
-            .sum();
-        assert_eq!(p.evictable_rows(), evictable);
+    #[test]
+    fn smollm2_granularity_and_units() {
+        // SmolLM2-135M: hidden 576, kv_dim 192, intermediate 1536; block_size 16.
+        let d = [
+            (576, 576),
+            (576, 192),
+            (576, 192),
+            (576, 576),
+            (576, 1536),
+            (576, 1536),
+            (1536, 576),
+        ];
+        let g = geo(16 * 192, &d, 100);
+        assert_eq!(g.granularity, 192);
+        // q/v only at rank 16: 16 rows of 6 chunks + 16 rows of 4 chunks in pieces of 16.
+        let qv = [16, 0, 16, 0, 0, 0, 0];
+        let units = g.units_for(&qv);
+        let exact = (16 * (1152 + 768)) as f64 / (2.0 * 3072.0);
+        assert!(units as f64 >= exact && (units as f64) < exact * 1.5 + 1.0);
+        // Fewer units than an all-module adapter of the same rank.
+        assert!(units < g.units_for(&[16; 7]));
+    }
+
+    #[test]
+    fn oversized_rows_and_row_space_are_refused() {
+        let mods = vec![("up".to_string(), 64, 256)];
+        let e = UnitGeometry::new(4, 32, &mods, 4).unwrap_err();
+        assert!(
+            e.to_string().contains("raise block_size to at least 10"),
+            "{e}"
+        );
+        let mods = vec![("q".to_string(), 1, 1)];
+        assert!(UnitGeometry::new(1, 2, &mods, usize::MAX / 8).is_err());
     }
 
     proptest! {
+        /// Rows lie inside the adapter's own units, never overlap, and every module gets
+        /// exactly its rank of rows, whatever the dims, ranks and (scattered) units.
         #[test]
-        fn random_ops_keep_invariants(
-            page_rows in 1usize..=32,
-            pages in 1usize..=40,
-            extra in 0usize..32,
-            ranks in proptest::collection::vec(1usize..=128, IDS as usize),
-            ops in proptest::collection::vec(op(), 1..200),
+        fn rows_are_disjoint_and_inside_owned_units(
+            dims in proptest::collection::vec((1usize..6, 1usize..6), 1..5),
+            ranks in proptest::collection::vec(0usize..20, 5),
+            piece_mult in 1usize..4,
+            seed in 0u64..1000,
         ) {
-            let mut p = RowPool::new(pages * page_rows + extra % page_rows, page_rows).unwrap();
-            prop_assert_eq!(p.total_rows(), pages * page_rows);
-            let mut m = Model::default();
-            for op in ops {
-                let before = snapshot(&p);
-                match op {
-                    Op::Ensure(id) => {
-                        let rank = ranks[id as usize];
-                        let can = p.can_make_resident(id, rank);
-                        let expect_evicted = if m.resident.contains_key(&id) {
-                            None
-                        } else {
-                            let need = p.pages_for_rank(rank);
-                            let mut free = p.free_rows() / page_rows;
-                            let mut ev = Vec::new();
-                            for v in m.lru_unpinned() {
-                                if free >= need { break; }
-                                free += p.pages_for_rank(m.resident[&v].0);
-                                ev.push(v);
-                            }
-                            (free >= need).then_some(ev)
-                        };
-                        match p.ensure_resident(id, rank) {
-                            Ok(Residency::AlreadyResident) => {
-                                prop_assert!(can && m.resident.contains_key(&id));
-                                m.bump(id);
-                            }
-                            Ok(Residency::Loaded { rows, evicted }) => {
-                                prop_assert!(can);
-                                prop_assert_eq!(Some(&evicted), expect_evicted.as_ref());
-                                prop_assert_eq!(p.rows(id), Some(&rows[..]));
-                                for v in &evicted {
-                                    prop_assert_eq!(m.resident[v].1, 0);
-                                    m.resident.remove(v);
-                                }
-                                m.resident.insert(id, (rank, 0, 0));
-                                m.bump(id);
-                            }
-                            Err(e) => {
-                                prop_assert!(matches!(e, Error::Capacity(_)));
-                                prop_assert!(!can && expect_evicted.is_none());
-                                prop_assert_eq!(snapshot(&p), before);
-                            }
-                        }
-                    }
-                    Op::EnsureWrongRank(id) => {
-                        if let Some(&(rank, ..)) = m.resident.get(&id) {
-                            prop_assert!(!p.can_make_resident(id, rank + 1));
-                            prop_assert!(p.ensure_resident(id, rank + 1).is_err());
-                            prop_assert_eq!(snapshot(&p), before);
-                        }
-                    }
-                    Op::Pin(id) => match m.resident.get_mut(&id) {
-                        Some(e) => { p.pin(id).unwrap(); e.1 += 1; }
-                        None => prop_assert!(p.pin(id).is_err()),
-                    },
-                    Op::Unpin(id) => match m.resident.get_mut(&id) {
-                        Some(e) if e.1 > 0 => { p.unpin(id).unwrap(); e.1 -= 1; }
-                        _ => {
-                            prop_assert!(p.unpin(id).is_err());
-                            prop_assert_eq!(snapshot(&p), before);
-                        }
-                    },
-                    Op::Evict(id) => match m.resident.get(&id) {
-                        Some(e) if e.1 > 0 => {
-                            prop_assert!(p.evict(id).is_err());
-                            prop_assert_eq!(snapshot(&p), before);
-                        }
-                        Some(_) => {
-                            prop_assert!(p.evict(id).unwrap());
-                            m.resident.remove(&id);
-                        }
-                        None => prop_assert!(!p.evict(id).unwrap()),
-                    },
-                    Op::Touch(id) => {
-                        prop_assert_eq!(p.touch(id), m.resident.contains_key(&id));
-                        m.bump(id);
+            let g0 = 8;
+            let widths: Vec<(usize, usize)> = dims.iter().map(|&(a, b)| (a * g0, b * g0)).collect();
+            let max_w = widths.iter().map(|(a, b)| a + b).max().unwrap();
+            let piece = max_w * piece_mult;
+            let total_units = 64;
+            let g = geo(piece, &widths, total_units);
+            let ranks = &ranks[..widths.len()];
+            let need = g.units_for(ranks);
+            prop_assume!(need <= total_units);
+            // Scattered units.
+            let mut all: Vec<BlockId> = (0..total_units as u32).collect();
+            let mut s = seed;
+            for i in (1..all.len()).rev() {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                all.swap(i, (s >> 33) as usize % (i + 1));
+            }
+            let units = &all[..need];
+            let (row_start, rows) = g.rows(ranks, units);
+            prop_assert_eq!(row_start.len(), ranks.len() + 1);
+            let side = total_units * piece;
+            let owned: HashSet<(usize, usize)> = units
+                .iter()
+                .flat_map(|&u| [(0usize, u as usize), (1, u as usize)])
+                .collect();
+            let mut used: HashSet<usize> = HashSet::new();
+            for (m, &r) in ranks.iter().enumerate() {
+                let ids = &rows[row_start[m] as usize..row_start[m + 1] as usize];
+                prop_assert_eq!(ids.len(), r);
+                let w = widths[m].0 + widths[m].1;
+                for &c in ids {
+                    let start = c as usize * g.granularity;
+                    let (sd, off) = (start / side, start % side);
+                    let unit = off / piece;
+                    prop_assert!(owned.contains(&(sd, unit)), "row outside owned units");
+                    prop_assert!(off % piece + w <= piece, "row crosses a piece");
+                    for e in start..start + w {
+                        prop_assert!(used.insert(e), "element {} used twice", e);
                     }
                 }
-                check(&p, &m);
             }
-            // Reclaims everything once all pins are released.
-            for (id, (_, pins, _)) in m.resident.clone() {
-                for _ in 0..pins {
-                    p.unpin(id).unwrap();
-                }
-                prop_assert!(p.evict(id).unwrap());
-            }
-            prop_assert_eq!(p.free_rows(), p.total_rows());
-            prop_assert_eq!(p.num_resident(), 0);
-            prop_assert!(p.eviction_order().is_empty());
         }
     }
 }

@@ -26,14 +26,25 @@ pub struct StepPlan {
     pub sorted_token_idx: Vec<i64>,
     pub segment_start: Vec<i32>,
     pub segment_adapter: Vec<AdapterId>,
+    /// Per (segment, module), row-major: the module's rank (0: not targeted).
     pub adapter_rank: Vec<i32>,
+    /// Offsets into `adapter_rows`, per (segment, module), plus the end.
     pub adapter_row_start: Vec<i32>,
+    /// Row ids (see [`crate::pages`]).
     pub adapter_rows: Vec<i32>,
     // Work to do before the forward pass.
     pub copy_src: Vec<i64>,
     pub copy_dst: Vec<i64>,
     pub copy_len: Vec<i64>,
-    pub adapter_loads: Vec<(AdapterId, Vec<u32>)>,
+    pub adapter_loads: Vec<AdapterLoad>,
+}
+
+/// A page-in: write the adapter's rows (module m's at `rows[row_start[m]..row_start[m+1]]`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AdapterLoad {
+    pub id: AdapterId,
+    pub row_start: Vec<i32>,
+    pub rows: Vec<i32>,
 }
 
 impl StepPlan {

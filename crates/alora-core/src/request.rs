@@ -28,11 +28,12 @@ pub enum Status {
     Running,
 }
 
-/// The adapter a request computes with: which, its rank, and the first token it applies to.
+/// The adapter a request computes with: which, the memory units it occupies on the device,
+/// and the first token it applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ActiveAdapter {
     pub id: AdapterId,
-    pub rank: usize,
+    pub units: usize,
     /// 0 for plain LoRA; the activation start for aLoRA.
     pub start: usize,
 }

@@ -4,6 +4,13 @@
 //! are admitted FIFO only when their adapter is or can be made resident and their blocks
 //! fit. Every request fits the pool on its own (checked at submission) and the oldest
 //! running request is never a victim, so the scheduler always makes progress.
+//!
+//! KV blocks and adapters share one unit pool (see [`crate::kv::BlockPool`]): admitting a
+//! request makes its adapter resident first (so the evictions that may cause cannot take
+//! the request's own prefix hits), then takes its blocks. A waiting request whose adapter
+//! is neither on the device nor in host memory is skipped, not waited on: it waits only for
+//! its own read while later requests run, and keeps its place in the queue (FIFO among the
+//! requests that can run bounds every wait).
 
 use std::collections::VecDeque;
 
@@ -11,9 +18,10 @@ use rustc_hash::FxHashMap;
 
 use crate::adapters::AdapterId;
 use crate::error::{Error, Result};
+use crate::kv::BlockPool;
 use crate::kv::{BlockId, KvManager};
-use crate::pages::{Residency, RowPool};
-use crate::plan::StepPlan;
+use crate::pages::{Residency, UnitGeometry};
+use crate::plan::{AdapterLoad, StepPlan};
 use crate::request::{FinishReason, Request, RequestId, RequestOutput, Status};
 
 #[derive(Debug, Clone)]
@@ -23,9 +31,11 @@ pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     pub max_num_seqs: usize,
     pub max_model_len: usize,
-    pub adapter_rows: usize,
-    pub page_rows: usize,
     pub enable_prefix_cache: bool,
+    /// Most units KV may hold (referenced or cached); `None`: the whole pool.
+    pub kv_block_cap: Option<usize>,
+    /// Most units adapters may hold; `None`: the whole pool.
+    pub adapter_block_cap: Option<usize>,
 }
 
 impl SchedulerConfig {
@@ -84,6 +94,13 @@ struct InFlight {
     loaded: Vec<AdapterId>,
 }
 
+/// Device shape of a registered adapter: its rank per module and the units that takes.
+#[derive(Debug, Clone)]
+struct Shape {
+    module_ranks: Box<[u32]>,
+    units: usize,
+}
+
 /// An admission that `cancel_step` can undo. `safe_computed` is what the request's KV holds
 /// before the step runs: the full blocks it took from the cache (written by earlier steps),
 /// not the copied slots of a partial block, which only this step's copy writes.
@@ -104,7 +121,10 @@ struct Undo {
 pub struct Scheduler {
     cfg: SchedulerConfig,
     pub kv: KvManager,
-    pub rows: RowPool,
+    geo: UnitGeometry,
+    shapes: FxHashMap<AdapterId, Shape>,
+    /// Row ids of resident adapters: (row_start per module, rows).
+    rows_of: FxHashMap<AdapterId, (Vec<i32>, Vec<i32>)>,
     requests: FxHashMap<RequestId, Request>,
     waiting: VecDeque<RequestId>,
     running: Vec<RequestId>,
@@ -114,11 +134,23 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(cfg: SchedulerConfig) -> Result<Self> {
+    pub fn new(cfg: SchedulerConfig, geo: UnitGeometry) -> Result<Self> {
         cfg.validate()?;
+        if geo.num_units != cfg.num_blocks {
+            return Err(Error::Config {
+                field: "num_blocks".into(),
+                detail: format!(
+                    "unit geometry has {} units, the pool {}",
+                    geo.num_units, cfg.num_blocks
+                ),
+            });
+        }
+        let pool = BlockPool::with_caps(cfg.num_blocks, cfg.kv_block_cap, cfg.adapter_block_cap);
         Ok(Self {
-            kv: KvManager::new(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_cache),
-            rows: RowPool::new(cfg.adapter_rows, cfg.page_rows)?,
+            kv: KvManager::with_pool(pool, cfg.block_size, cfg.enable_prefix_cache),
+            geo,
+            shapes: FxHashMap::default(),
+            rows_of: FxHashMap::default(),
             cfg,
             requests: FxHashMap::default(),
             waiting: VecDeque::new(),
@@ -131,6 +163,57 @@ impl Scheduler {
 
     pub fn config(&self) -> &SchedulerConfig {
         &self.cfg
+    }
+    pub fn geometry(&self) -> &UnitGeometry {
+        &self.geo
+    }
+    pub fn pool(&self) -> &BlockPool {
+        &self.kv.pool
+    }
+
+    /// Record a registered adapter's per-module ranks; returns the units it occupies.
+    pub fn register_adapter(&mut self, id: AdapterId, module_ranks: &[usize]) -> usize {
+        let units = self.geo.units_for(module_ranks);
+        self.shapes.insert(
+            id,
+            Shape {
+                module_ranks: module_ranks.iter().map(|&r| r as u32).collect(),
+                units,
+            },
+        );
+        units
+    }
+
+    /// Units a registered adapter occupies when resident.
+    pub fn adapter_units(&self, id: AdapterId) -> Option<usize> {
+        self.shapes.get(&id).map(|s| s.units)
+    }
+
+    /// Forget an unloaded adapter, freeing its units. `AdapterBusy` while pinned.
+    pub fn unregister_adapter(&mut self, id: AdapterId) -> Result<()> {
+        self.kv.pool.evict_adapter(id)?;
+        self.rows_of.remove(&id);
+        self.shapes.remove(&id);
+        Ok(())
+    }
+
+    /// Whether `id` is on the device.
+    pub fn is_resident(&self, id: AdapterId) -> bool {
+        self.kv.pool.adapters().is_resident(id)
+    }
+
+    /// Adapters that waiting requests need read into host memory, in queue order, looking at
+    /// most `window` requests ahead.
+    pub fn wanted_adapters(&self, window: usize) -> Vec<AdapterId> {
+        let mut out: Vec<AdapterId> = Vec::new();
+        for id in self.waiting.iter().take(window) {
+            if let Some(a) = self.requests[id].active {
+                if !self.is_resident(a.id) && !out.contains(&a.id) {
+                    out.push(a.id);
+                }
+            }
+        }
+        out
     }
     pub fn num_running(&self) -> usize {
         self.running.len()
@@ -155,7 +238,10 @@ impl Scheduler {
         self.waiting.push_back(id);
     }
 
-    pub fn schedule(&mut self) -> Result<Option<StepPlan>> {
+    /// Plan the next step. `host_ready(adapter)`: whether an adapter that is not on the
+    /// device has its weights in host memory (a page-in needs them). `Ok(None)` when nothing
+    /// can run now: no requests, or every runnable one waits for an adapter read.
+    pub fn schedule(&mut self, host_ready: &dyn Fn(AdapterId) -> bool) -> Result<Option<StepPlan>> {
         if let Some(f) = &self.in_flight {
             return Err(Error::Step(format!(
                 "step {} was scheduled but not committed; call commit before the next schedule",
@@ -202,16 +288,67 @@ impl Scheduler {
 
         // Waiting requests, FIFO; no admissions in a step that had to preempt.
         let bs = self.cfg.block_size;
-        while !preempted && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-            let Some(&id) = self.waiting.front() else {
-                break;
-            };
+        let mut wi = 0;
+        let mut io_blocked = false;
+        while !preempted
+            && budget > 0
+            && self.running.len() < self.cfg.max_num_seqs
+            && wi < self.waiting.len()
+        {
+            let id = self.waiting[wi];
             let r = &self.requests[&id];
-            if let Some(a) = r.active {
-                if !self.rows.can_make_resident(a.id, a.rank) {
+            let active = r.active;
+            let mut new_units = 0;
+            if let Some(a) = active {
+                if !self.is_resident(a.id) {
+                    if !host_ready(a.id) {
+                        // Waits for its own read; later requests may run meanwhile.
+                        io_blocked = true;
+                        wi += 1;
+                        continue;
+                    }
+                    new_units = a.units;
+                }
+                if !self.kv.pool.can_make_resident(a.id, a.units) {
                     break;
                 }
             }
+            // Without side effects first: its new blocks and units must fit in what is free
+            // or evictable (the adapter's own units, if resident, stay out of that).
+            let mut m = self.kv.match_prefix(&r.tokens, r.kv_adapter());
+            let mut need = usize::MAX;
+            for drop_copy in [false, true] {
+                if drop_copy {
+                    m.copy = None;
+                }
+                let cached = m.cached_tokens(bs);
+                let n = (r.tokens.len() - cached).min(budget);
+                need = need.min(self.kv.blocks_needed(&r.kv, Some(&m), cached + n));
+            }
+            let pool = &self.kv.pool;
+            let own_evictable = match active {
+                Some(a) if pool.adapters().pin_count(a.id) == 0 => {
+                    pool.adapters().units(a.id).map_or(0, <[_]>::len)
+                }
+                _ => 0,
+            };
+            let room = pool.num_free() + pool.adapters().evictable_units() - own_evictable;
+            let kv_room = pool.kv_cap().saturating_sub(pool.kv_held());
+            if need + new_units > room || need > pool.num_free() - pool.num_empty() + kv_room {
+                break;
+            }
+            // The adapter first, so the evictions it causes cannot take this request's hits.
+            let mut fresh: Option<Vec<u32>> = None;
+            if let Some(a) = active {
+                if let Residency::Loaded { units, .. } =
+                    self.kv.pool.ensure_adapter(a.id, a.units)?
+                {
+                    fresh = Some(units);
+                }
+                self.kv.pool.pin_adapter(a.id)?;
+                self.forget_evicted();
+            }
+            let r = &self.requests[&id];
             let mut m = self.kv.match_prefix(&r.tokens, r.kv_adapter());
             let mut cached = m.cached_tokens(bs);
             let mut n = (r.tokens.len() - cached).min(budget);
@@ -225,21 +362,28 @@ impl Scheduler {
                 total = cached + n;
             }
             if !self.kv.can_allocate(&r.kv, Some(&m), total) {
+                if let Some(a) = active {
+                    self.kv.pool.unpin_adapter(a.id)?;
+                    if fresh.is_some() {
+                        self.kv.pool.evict_adapter(a.id)?;
+                    }
+                }
                 break;
             }
-            if let Some(a) = r.active {
-                if let Residency::Loaded { rows, evicted } =
-                    self.rows.ensure_resident(a.id, a.rank)?
-                {
-                    self.stats.adapter_loads += 1;
-                    // Evicted adapters are unpinned, so none of them runs in this step.
-                    self.stats.adapter_evictions += evicted.len() as u64;
-                    loads.push((a.id, rows));
-                    loaded.push(a.id);
-                }
-                self.rows.pin(a.id)?;
+            if let (Some(a), Some(units)) = (active, fresh) {
+                let shape = &self.shapes[&a.id];
+                let ranks: Vec<usize> = shape.module_ranks.iter().map(|&r| r as usize).collect();
+                let (row_start, rows) = self.geo.rows(&ranks, &units);
+                self.stats.adapter_loads += 1;
+                loads.push(AdapterLoad {
+                    id: a.id,
+                    row_start: row_start.clone(),
+                    rows: rows.clone(),
+                });
+                self.rows_of.insert(a.id, (row_start, rows));
+                loaded.push(a.id);
             }
-            self.waiting.pop_front();
+            self.waiting.remove(wi);
             let r = self.requests.get_mut(&id).expect("waiting request exists");
             if let Some(c) = self.kv.adopt_prefix(&mut r.kv, &m) {
                 copies.push(c);
@@ -263,8 +407,12 @@ impl Scheduler {
             sched.push((id, n));
             budget -= n;
         }
+        self.forget_evicted();
 
         if sched.is_empty() {
+            if io_blocked {
+                return Ok(None);
+            }
             return Err(Error::Step(
                 "no request could be scheduled although some are unfinished (scheduler invariant broken)".into(),
             ));
@@ -273,11 +421,20 @@ impl Scheduler {
         Ok(Some(self.build_plan(sched, copies, loads, undo)))
     }
 
+    /// Drop the row maps of adapters the pool evicted.
+    fn forget_evicted(&mut self) {
+        let evicted = self.kv.pool.take_evicted();
+        self.stats.adapter_evictions += evicted.len() as u64;
+        for a in evicted {
+            self.rows_of.remove(&a);
+        }
+    }
+
     fn build_plan(
         &mut self,
         sched: Vec<(RequestId, usize)>,
         copies: Vec<crate::kv::BlockCopy>,
-        loads: Vec<(AdapterId, Vec<u32>)>,
+        loads: Vec<AdapterLoad>,
         undo: Undo,
     ) -> StepPlan {
         let bs = self.cfg.block_size;
@@ -367,15 +524,18 @@ impl Scheduler {
         }
         p.adapter_row_start.push(0);
         for &a in &seg_ids {
-            self.rows.touch(a);
-            let rows = self
-                .rows
-                .rows(a)
+            self.kv.pool.touch_adapter(a);
+            let (row_start, rows) = self
+                .rows_of
+                .get(&a)
                 .expect("active adapters are resident and pinned");
             p.segment_adapter.push(a);
-            p.adapter_rank.push(rows.len() as i32);
-            p.adapter_rows.extend(rows.iter().map(|&r| r as i32));
-            p.adapter_row_start.push(p.adapter_rows.len() as i32);
+            for m in 0..row_start.len() - 1 {
+                let (r0, r1) = (row_start[m] as usize, row_start[m + 1] as usize);
+                p.adapter_rank.push((r1 - r0) as i32);
+                p.adapter_rows.extend_from_slice(&rows[r0..r1]);
+                p.adapter_row_start.push(p.adapter_rows.len() as i32);
+            }
         }
 
         let mut pinned = Vec::with_capacity(copies.len());
@@ -512,7 +672,7 @@ impl Scheduler {
                 r.counters.cached_tokens = 0;
             }
             if let Some(ad) = r.active {
-                self.rows.unpin(ad.id)?;
+                self.kv.pool.unpin_adapter(ad.id)?;
             }
             self.running.retain(|&w| w != a.id);
             self.waiting.push_front(a.id);
@@ -520,8 +680,8 @@ impl Scheduler {
             self.stats.prefix_hit_tokens -= a.cached as u64;
         }
         for id in f.loaded {
-            if self.rows.pin_count(id) == 0 {
-                self.rows.evict(id)?;
+            if self.kv.pool.adapters().pin_count(id) == 0 && self.kv.pool.evict_adapter(id)? {
+                self.rows_of.remove(&id);
             }
         }
         for src in f.pinned {
@@ -561,8 +721,8 @@ impl Scheduler {
                     .map_or(r.num_computed, |a| a.safe_computed);
                 self.kv.free(&mut r.kv, &r.tokens, computed, adapter);
                 if let Some(a) = r.active {
-                    self.rows.unpin(a.id)?;
-                    self.rows.touch(a.id);
+                    self.kv.pool.unpin_adapter(a.id)?;
+                    self.kv.pool.touch_adapter(a.id);
                 }
             }
         }
@@ -578,7 +738,7 @@ impl Scheduler {
         r.status = Status::Waiting;
         r.counters.preemptions += 1;
         if let Some(a) = r.active {
-            self.rows.unpin(a.id)?;
+            self.kv.pool.unpin_adapter(a.id)?;
         }
         self.waiting.push_front(id);
         self.stats.preemptions += 1;
@@ -621,14 +781,21 @@ impl Scheduler {
                 *pins.entry(a.id).or_default() += 1;
             }
         }
-        for a in self.rows.resident() {
-            if self.rows.pin_count(a) != pins.get(&a).copied().unwrap_or(0) {
+        let adapters = self.kv.pool.adapters();
+        for a in adapters.resident() {
+            if adapters.pin_count(a) != pins.get(&a).copied().unwrap_or(0) {
                 return Err(format!(
                     "adapter {a}: {} pins, {:?} running",
-                    self.rows.pin_count(a),
+                    adapters.pin_count(a),
                     pins.get(&a)
                 ));
             }
+            if !self.rows_of.contains_key(&a) {
+                return Err(format!("resident adapter {a} has no rows"));
+            }
+        }
+        if self.rows_of.len() != adapters.num_resident() {
+            return Err("row maps of evicted adapters kept".into());
         }
         if self.running.len() > self.cfg.max_num_seqs {
             return Err("too many running sequences".into());

@@ -122,22 +122,23 @@ impl PyEngine {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (*, num_layers, modules, block_size, num_blocks, max_batch_tokens, max_num_seqs,
-                        adapter_rows, max_model_len, page_rows = 8, enable_prefix_cache = true,
-                        vocab_size = None))]
+    #[pyo3(signature = (*, num_layers, modules, block_size, num_blocks, kv_dim, max_batch_tokens,
+                        max_num_seqs, max_model_len, enable_prefix_cache = true, vocab_size = None,
+                        kv_block_cap = None, adapter_block_cap = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         num_layers: usize,
         modules: Vec<(String, String, usize, usize)>,
         block_size: usize,
         num_blocks: usize,
+        kv_dim: usize,
         max_batch_tokens: usize,
         max_num_seqs: usize,
-        adapter_rows: usize,
         max_model_len: usize,
-        page_rows: usize,
         enable_prefix_cache: bool,
         vocab_size: Option<usize>,
+        kv_block_cap: Option<usize>,
+        adapter_block_cap: Option<usize>,
     ) -> PyResult<Self> {
         let names = Arc::new(modules.iter().map(|m| m.0.clone()).collect());
         let spec = ModelSpec::new(
@@ -159,11 +160,11 @@ impl PyEngine {
             max_batch_tokens,
             max_num_seqs,
             max_model_len,
-            adapter_rows,
-            page_rows,
             enable_prefix_cache,
+            kv_block_cap,
+            adapter_block_cap,
         };
-        let mut inner = Engine::new(spec, cfg).py()?;
+        let mut inner = Engine::new(spec, cfg, kv_dim).py()?;
         if let Some(v) = vocab_size {
             inner = inner.with_vocab_size(v).py()?;
         }
@@ -181,9 +182,15 @@ impl PyEngine {
     fn num_blocks(&self) -> usize {
         self.inner.config().num_blocks
     }
+    /// Row-id granularity in elements (see the architecture doc: adapter rows in units).
     #[getter]
-    fn adapter_rows(&self) -> usize {
-        self.inner.scheduler().rows.total_rows()
+    fn row_granularity(&self) -> usize {
+        self.inner.scheduler().geometry().granularity
+    }
+    /// Elements of one unit's share of one layer's K (or V) side: block_size × kv_dim.
+    #[getter]
+    fn unit_elems(&self) -> usize {
+        self.inner.scheduler().geometry().piece_elems
     }
 
     #[pyo3(signature = (name, path, invocation_tokens = None))]

@@ -5,6 +5,9 @@ use alora_core::plan::StepPlan;
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods};
 use pyo3::prelude::*;
 
+/// (adapter id, row_start per module, rows).
+type PageIn = (u64, Py<PyArray1<i32>>, Py<PyArray1<i32>>);
+
 #[pyclass(module = "alora._core", name = "StepPlan", frozen)]
 pub struct PyStepPlan {
     #[pyo3(get)]
@@ -51,8 +54,9 @@ pub struct PyStepPlan {
     copy_dst: Py<PyArray1<i64>>,
     #[pyo3(get)]
     copy_len: Py<PyArray1<i64>>,
+    /// (adapter id, row_start per module, rows): page-ins to run before the forward.
     #[pyo3(get)]
-    adapter_loads: Vec<(u64, Py<PyArray1<i32>>)>,
+    adapter_loads: Vec<PageIn>,
 }
 
 impl PyStepPlan {
@@ -92,7 +96,7 @@ impl PyStepPlan {
             adapter_loads: p
                 .adapter_loads
                 .into_iter()
-                .map(|(id, rows)| (id, arr(py, rows.into_iter().map(|r| r as i32).collect())))
+                .map(|l| (l.id, arr(py, l.row_start), arr(py, l.rows)))
                 .collect(),
         })
     }

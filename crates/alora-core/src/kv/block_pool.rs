@@ -1,9 +1,14 @@
-//! The block pool: plain metadata per KV block, refcounts, and a free list that doubles as
-//! the LRU of cached blocks (vLLM v1 style). A block with refcount 0 that holds reusable
-//! content stays findable until its memory is needed; blocks without content are handed
-//! out first, so cached ones live longest.
+//! The device's unit pool: plain metadata per unit, where a unit is one KV block or a
+//! piece of an adapter's storage (see [`crate::pages`]). One allocator and one recency order
+//! for both kinds: free units without content are handed out first; after them, whichever
+//! is least recently used of a cached KV block (refcount 0, content kept findable until its
+//! memory is needed, vLLM v1 style) and an unpinned resident adapter is evicted. Optional
+//! caps bound the units each kind may hold (two caps summing to the pool give the classic
+//! two fixed budgets).
 
 use super::hash::{hash_block, AdapterKey, BlockHash};
+use crate::error::{Error, Result};
+use crate::pages::{AdapterId, Residency, ResidentAdapters};
 use rustc_hash::FxHashMap;
 
 pub type BlockId = u32;
@@ -20,65 +25,141 @@ pub struct Content {
     pub hash: Option<BlockHash>,
 }
 
+/// Which list a unit is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Where {
+    /// Referenced by sequences (refcount > 0), or held by an adapter.
+    Out,
+    /// Free, no content.
+    Empty,
+    /// Refcount 0 with content: evictable, findable.
+    Cached,
+}
+
 #[derive(Debug)]
 struct Block {
     ref_cnt: u32,
     content: Option<Content>,
     prev: u32,
     next: u32,
-    in_free: bool,
+    at: Where,
+    /// Clock reading when it joined the cached list.
+    freed_at: u64,
+    adapter: bool,
 }
 
 /// Cap on partially filled candidates kept per (parent, key): enough for fan-out, bounded.
 const MAX_PARTIALS: usize = 8;
 
+#[derive(Debug, Clone, Copy, Default)]
+struct List {
+    head: u32,
+    tail: u32,
+    len: usize,
+}
+
+impl List {
+    const NEW: List = List {
+        head: NIL,
+        tail: NIL,
+        len: 0,
+    };
+}
+
 #[derive(Debug)]
 pub struct BlockPool {
     blocks: Vec<Block>,
-    head: u32,
-    tail: u32,
-    num_free: usize,
+    empty: List,
+    cached: List,
     /// Exact lookup of full blocks by chained hash.
     full: FxHashMap<BlockHash, BlockId>,
     /// Every block with content, by (parent, key): candidates for partial-prefix copies.
     children: FxHashMap<(BlockHash, Option<AdapterKey>), Vec<BlockId>>,
     num_cached: usize,
+    adapters: ResidentAdapters,
+    /// One clock for KV release times and adapter use: the shared LRU order.
+    clock: u64,
+    kv_cap: usize,
+    adapter_cap: usize,
+    /// Adapters evicted since the last `take_evicted` (by KV allocations or page-ins).
+    evicted: Vec<AdapterId>,
 }
 
 impl BlockPool {
     pub fn new(num_blocks: usize) -> Self {
-        let n = num_blocks as u32;
-        let blocks = (0..n)
-            .map(|i| Block {
+        Self::with_caps(num_blocks, None, None)
+    }
+
+    /// A pool of `num_blocks` units; KV may hold at most `kv_cap` of them (referenced or
+    /// cached) and adapters at most `adapter_cap`; `None` means no cap.
+    pub fn with_caps(num_blocks: usize, kv_cap: Option<usize>, adapter_cap: Option<usize>) -> Self {
+        let blocks = (0..num_blocks)
+            .map(|_| Block {
                 ref_cnt: 0,
                 content: None,
-                prev: if i == 0 { NIL } else { i - 1 },
-                next: if i + 1 == n { NIL } else { i + 1 },
-                in_free: true,
+                prev: NIL,
+                next: NIL,
+                at: Where::Out,
+                freed_at: 0,
+                adapter: false,
             })
             .collect();
-        Self {
+        let mut p = Self {
             blocks,
-            head: if n == 0 { NIL } else { 0 },
-            tail: if n == 0 { NIL } else { n - 1 },
-            num_free: num_blocks,
+            empty: List::NEW,
+            cached: List::NEW,
             full: FxHashMap::default(),
             children: FxHashMap::default(),
             num_cached: 0,
+            adapters: ResidentAdapters::default(),
+            clock: 0,
+            kv_cap: kv_cap.unwrap_or(num_blocks).min(num_blocks),
+            adapter_cap: adapter_cap.unwrap_or(num_blocks).min(num_blocks),
+            evicted: Vec::new(),
+        };
+        // Pushed in reverse so a fresh pool hands out 0, 1, 2, ...
+        for id in (0..num_blocks as u32).rev() {
+            p.push(id, Where::Empty, false);
         }
+        p
     }
 
     pub fn num_blocks(&self) -> usize {
         self.blocks.len()
     }
-    /// Blocks with refcount 0 (free or cached-and-evictable).
+    /// Units neither referenced by a sequence nor held by an adapter (empty or cached).
     pub fn num_free(&self) -> usize {
-        self.num_free
+        self.empty.len + self.cached.len
+    }
+    /// Free units without content.
+    pub fn num_empty(&self) -> usize {
+        self.empty.len
     }
     /// Blocks holding reusable content (in use or not).
     pub fn num_cached(&self) -> usize {
         self.num_cached
     }
+    /// Units KV holds: referenced by sequences or cached.
+    pub fn kv_held(&self) -> usize {
+        self.blocks.len() - self.empty.len - self.adapters.num_units()
+    }
+    pub fn kv_cap(&self) -> usize {
+        self.kv_cap
+    }
+    pub fn adapter_cap(&self) -> usize {
+        self.adapter_cap
+    }
+    pub fn adapters(&self) -> &ResidentAdapters {
+        &self.adapters
+    }
+
+    /// Blocks a KV allocation can get now: cached ones, plus (within the KV cap) empty units
+    /// and units of unpinned adapters.
+    pub fn kv_available(&self) -> usize {
+        let room = self.kv_cap.saturating_sub(self.kv_held());
+        self.cached.len + room.min(self.empty.len + self.adapters.evictable_units())
+    }
+
     /// Chained hashes (truncated to 64 bits) of every full block cached with the base key:
     /// the compact prefix summary a router compares with [`super::hash::base_prefix_hashes`].
     pub fn base_hashes(&self) -> Vec<u64> {
@@ -101,40 +182,189 @@ impl BlockPool {
         self.blocks[id as usize].content.as_ref()
     }
 
-    /// Take the least recently used free block, evicting its cached content.
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// Take a unit for KV: an empty one while the KV cap allows, else the least recently
+    /// used of the oldest cached block and the oldest unpinned adapter (evicted whole).
     pub fn alloc(&mut self) -> Option<BlockId> {
-        let id = self.head;
-        if id == NIL {
-            return None;
+        loop {
+            let room = self.kv_held() < self.kv_cap;
+            if room && self.empty.len > 0 {
+                let id = self.empty.head;
+                self.unlink(id);
+                self.blocks[id as usize].ref_cnt = 1;
+                return Some(id);
+            }
+            let cached = (self.cached.head != NIL).then(|| {
+                (
+                    self.blocks[self.cached.head as usize].freed_at,
+                    self.cached.head,
+                )
+            });
+            let adapter = if room { self.adapters.lru_head() } else { None };
+            match (cached, adapter) {
+                (Some((tb, _)), Some((ta, a))) if ta < tb => self.evict_adapter_units(a),
+                (Some((_, id)), _) => {
+                    self.unlink(id);
+                    self.drop_content(id);
+                    self.blocks[id as usize].ref_cnt = 1;
+                    return Some(id);
+                }
+                (None, Some((_, a))) => self.evict_adapter_units(a),
+                (None, None) => return None,
+            }
         }
-        self.unlink(id);
-        self.drop_content(id);
-        self.blocks[id as usize].ref_cnt = 1;
-        Some(id)
     }
 
     /// Add a reference to a block (a prefix hit or a copy source): pulls it off the free list.
     pub fn acquire(&mut self, id: BlockId) {
-        let b = &mut self.blocks[id as usize];
-        if b.ref_cnt == 0 {
+        if self.blocks[id as usize].ref_cnt == 0 {
             self.unlink(id);
         }
         self.blocks[id as usize].ref_cnt += 1;
     }
 
-    /// Drop a reference; at zero the block joins the free list: blocks with content at the
-    /// MRU end, empty ones at the LRU end (reused first).
+    /// Drop a reference; at zero the block becomes cached (with content, most recently used)
+    /// or empty (reused first).
     pub fn release(&mut self, id: BlockId) {
         let b = &mut self.blocks[id as usize];
         debug_assert!(b.ref_cnt > 0, "release of free block {id}");
         b.ref_cnt -= 1;
         if b.ref_cnt == 0 {
             if b.content.is_some() {
-                self.push_back(id);
+                let t = self.tick();
+                self.blocks[id as usize].freed_at = t;
+                self.push(id, Where::Cached, true);
             } else {
-                self.push_front(id);
+                self.push(id, Where::Empty, false);
             }
         }
+    }
+
+    // ------------------------------------------------------------------ adapters
+
+    /// Whether [`ensure_adapter`](Self::ensure_adapter) would succeed now.
+    pub fn can_make_resident(&self, id: AdapterId, units: usize) -> bool {
+        if let Some(u) = self.adapters.units(id) {
+            return u.len() == units;
+        }
+        let pinned = self.adapters.num_units() - self.adapters.evictable_units();
+        units > 0
+            && pinned + units <= self.adapter_cap
+            && units <= self.empty.len + self.cached.len + self.adapters.evictable_units()
+    }
+
+    /// Make adapter `id` resident in `units` units, evicting by the shared LRU (and, over
+    /// the adapter cap, adapters first). Marks it most recently used. All or nothing.
+    pub fn ensure_adapter(&mut self, id: AdapterId, units: usize) -> Result<Residency> {
+        if let Some(u) = self.adapters.units(id) {
+            if u.len() != units {
+                return Err(Error::Config {
+                    field: "units".into(),
+                    detail: format!(
+                        "adapter {id} is resident in {} units, requested {units}",
+                        u.len()
+                    ),
+                });
+            }
+            self.touch_adapter(id);
+            return Ok(Residency::AlreadyResident);
+        }
+        if !self.can_make_resident(id, units) {
+            return Err(Error::Capacity(format!(
+                "adapter {id} needs {units} of {} memory units (adapter cap {}); {} are free or \
+                 evictable, the rest hold running requests' KV or pinned adapters",
+                self.blocks.len(),
+                self.adapter_cap,
+                self.empty.len + self.cached.len + self.adapters.evictable_units()
+            )));
+        }
+        let first_evicted = self.evicted.len();
+        while self.adapters.num_units() + units > self.adapter_cap {
+            let (_, a) = self
+                .adapters
+                .lru_head()
+                .expect("checked by can_make_resident");
+            self.evict_adapter_units(a);
+        }
+        while self.empty.len < units {
+            let cached = (self.cached.head != NIL).then(|| {
+                (
+                    self.blocks[self.cached.head as usize].freed_at,
+                    self.cached.head,
+                )
+            });
+            match (cached, self.adapters.lru_head()) {
+                (Some((tb, _)), Some((ta, a))) if ta < tb => self.evict_adapter_units(a),
+                (Some((_, b)), _) => {
+                    self.unlink(b);
+                    self.drop_content(b);
+                    self.push(b, Where::Empty, false);
+                }
+                (None, Some((_, a))) => self.evict_adapter_units(a),
+                (None, None) => unreachable!("checked by can_make_resident"),
+            }
+        }
+        let mut taken = Vec::with_capacity(units);
+        for _ in 0..units {
+            let b = self.empty.head;
+            self.unlink(b);
+            self.blocks[b as usize].adapter = true;
+            taken.push(b);
+        }
+        let t = self.tick();
+        self.adapters.insert(id, taken.clone(), t);
+        Ok(Residency::Loaded {
+            units: taken,
+            evicted: self.evicted[first_evicted..].to_vec(),
+        })
+    }
+
+    fn evict_adapter_units(&mut self, id: AdapterId) {
+        let units = self
+            .adapters
+            .remove(id)
+            .expect("only unpinned adapters are evicted")
+            .expect("resident");
+        for u in units {
+            self.blocks[u as usize].adapter = false;
+            self.push(u, Where::Empty, false);
+        }
+        self.evicted.push(id);
+    }
+
+    /// Adapters evicted since the last call, in eviction order.
+    pub fn take_evicted(&mut self) -> Vec<AdapterId> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Drop an adapter's residency (unload, or a page-in that never ran). `Ok(false)` if it
+    /// was not resident; `AdapterBusy` if pinned.
+    pub fn evict_adapter(&mut self, id: AdapterId) -> Result<bool> {
+        match self.adapters.remove(id)? {
+            None => Ok(false),
+            Some(units) => {
+                for u in units {
+                    self.blocks[u as usize].adapter = false;
+                    self.push(u, Where::Empty, false);
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    pub fn touch_adapter(&mut self, id: AdapterId) -> bool {
+        let t = self.tick();
+        self.adapters.touch(id, t)
+    }
+    pub fn pin_adapter(&mut self, id: AdapterId) -> Result<()> {
+        self.adapters.pin(id)
+    }
+    pub fn unpin_adapter(&mut self, id: AdapterId) -> Result<()> {
+        self.adapters.unpin(id)
     }
 
     /// Exact hit for a full block: same chained hash, verified against the stored content.
@@ -271,7 +501,6 @@ impl BlockPool {
         for id in 0..self.blocks.len() as u32 {
             self.drop_content(id);
         }
-        // Free blocks without content belong at the LRU end; order among them is irrelevant.
     }
 
     fn set_content(&mut self, id: BlockId, c: Content) {
@@ -285,6 +514,10 @@ impl BlockPool {
             return;
         };
         self.num_cached -= 1;
+        if self.blocks[id as usize].at == Where::Cached {
+            self.unlink(id);
+            self.push(id, Where::Empty, false);
+        }
         if let Some(h) = c.hash {
             if self.full.get(&h) == Some(&id) {
                 self.full.remove(&h);
@@ -299,61 +532,79 @@ impl BlockPool {
         }
     }
 
+    fn list(&mut self, at: Where) -> &mut List {
+        match at {
+            Where::Empty => &mut self.empty,
+            Where::Cached => &mut self.cached,
+            Where::Out => unreachable!("units out of the pool are on no list"),
+        }
+    }
+
     fn unlink(&mut self, id: BlockId) {
-        let (prev, next) = {
+        let (at, prev, next) = {
             let b = &mut self.blocks[id as usize];
-            debug_assert!(b.in_free);
-            b.in_free = false;
+            debug_assert!(b.at != Where::Out);
             (
+                std::mem::replace(&mut b.at, Where::Out),
                 std::mem::replace(&mut b.prev, NIL),
                 std::mem::replace(&mut b.next, NIL),
             )
         };
-        if prev == NIL {
-            self.head = next;
-        } else {
+        if prev != NIL {
             self.blocks[prev as usize].next = next;
         }
-        if next == NIL {
-            self.tail = prev;
-        } else {
+        if next != NIL {
             self.blocks[next as usize].prev = prev;
         }
-        self.num_free -= 1;
-    }
-
-    fn push_back(&mut self, id: BlockId) {
-        let b = &mut self.blocks[id as usize];
-        b.in_free = true;
-        b.prev = self.tail;
-        b.next = NIL;
-        if self.tail == NIL {
-            self.head = id;
-        } else {
-            self.blocks[self.tail as usize].next = id;
+        let l = self.list(at);
+        if prev == NIL {
+            l.head = next;
         }
-        self.tail = id;
-        self.num_free += 1;
-    }
-
-    fn push_front(&mut self, id: BlockId) {
-        let b = &mut self.blocks[id as usize];
-        b.in_free = true;
-        b.next = self.head;
-        b.prev = NIL;
-        if self.head == NIL {
-            self.tail = id;
-        } else {
-            self.blocks[self.head as usize].prev = id;
+        if next == NIL {
+            l.tail = prev;
         }
-        self.head = id;
-        self.num_free += 1;
+        l.len -= 1;
     }
 
-    /// Free-list order from LRU to MRU (tests and debugging).
-    pub fn free_order(&self) -> Vec<BlockId> {
-        let mut out = Vec::with_capacity(self.num_free);
-        let mut cur = self.head;
+    /// Cached blocks join at the MRU end; empty units at the front (reused first).
+    fn push(&mut self, id: BlockId, at: Where, back: bool) {
+        let l = *self.list(at);
+        {
+            let b = &mut self.blocks[id as usize];
+            b.at = at;
+            if back {
+                b.prev = l.tail;
+                b.next = NIL;
+            } else {
+                b.prev = NIL;
+                b.next = l.head;
+            }
+        }
+        if back {
+            if l.tail != NIL {
+                self.blocks[l.tail as usize].next = id;
+            }
+        } else if l.head != NIL {
+            self.blocks[l.head as usize].prev = id;
+        }
+        let l = self.list(at);
+        if back {
+            l.tail = id;
+            if l.head == NIL {
+                l.head = id;
+            }
+        } else {
+            l.head = id;
+            if l.tail == NIL {
+                l.tail = id;
+            }
+        }
+        l.len += 1;
+    }
+
+    fn walk(&self, l: List) -> Vec<BlockId> {
+        let mut out = Vec::with_capacity(l.len);
+        let mut cur = l.head;
         while cur != NIL {
             out.push(cur);
             cur = self.blocks[cur as usize].next;
@@ -361,27 +612,63 @@ impl BlockPool {
         out
     }
 
-    /// Internal consistency (tests): free list matches refcounts, indices match contents.
+    /// Free units in the order KV allocation takes them when nothing else competes: empty
+    /// ones first, then cached blocks from least to most recently used.
+    pub fn free_order(&self) -> Vec<BlockId> {
+        let mut v = self.walk(self.empty);
+        v.extend(self.walk(self.cached));
+        v
+    }
+
+    /// Internal consistency (tests): lists match refcounts and owners, every unit is
+    /// accounted for exactly once, indices match contents.
     pub fn check_consistency(&self) -> Result<(), String> {
-        let order = self.free_order();
-        if order.len() != self.num_free {
-            return Err(format!(
-                "free list has {} blocks, counter {}",
-                order.len(),
-                self.num_free
-            ));
+        let empty = self.walk(self.empty);
+        let cached = self.walk(self.cached);
+        if empty.len() != self.empty.len || cached.len() != self.cached.len {
+            return Err("list length counters drifted".into());
         }
-        for &id in &order {
-            if self.blocks[id as usize].ref_cnt != 0 || !self.blocks[id as usize].in_free {
-                return Err(format!("block {id} on free list with refcount"));
+        for &id in &empty {
+            let b = &self.blocks[id as usize];
+            if b.ref_cnt != 0 || b.content.is_some() || b.adapter || b.at != Where::Empty {
+                return Err(format!("block {id} on the empty list is not empty"));
             }
         }
-        let free_count = self.blocks.iter().filter(|b| b.ref_cnt == 0).count();
-        if free_count != self.num_free {
-            return Err(format!(
-                "{free_count} blocks at refcount 0, free list {}",
-                self.num_free
-            ));
+        let mut last = 0;
+        for &id in &cached {
+            let b = &self.blocks[id as usize];
+            if b.ref_cnt != 0 || b.content.is_none() || b.adapter || b.at != Where::Cached {
+                return Err(format!("block {id} on the cached list is not cached"));
+            }
+            if b.freed_at < last {
+                return Err("cached list out of LRU order".into());
+            }
+            last = b.freed_at;
+        }
+        let mut owner = vec![0u8; self.blocks.len()];
+        for a in self.adapters.resident() {
+            for &u in self.adapters.units(a).expect("resident") {
+                owner[u as usize] += 1;
+                if !self.blocks[u as usize].adapter {
+                    return Err(format!("unit {u} of adapter {a} not marked"));
+                }
+            }
+        }
+        for (i, b) in self.blocks.iter().enumerate() {
+            let on_list = b.at != Where::Out;
+            let kinds = on_list as u8 + (b.ref_cnt > 0) as u8 + owner[i];
+            if kinds != 1 {
+                return Err(format!(
+                    "unit {i}: on list {on_list}, refcount {}, adapter owners {}",
+                    b.ref_cnt, owner[i]
+                ));
+            }
+            if b.adapter && (b.content.is_some() || owner[i] != 1) {
+                return Err(format!("adapter unit {i} holds KV content"));
+            }
+        }
+        if self.adapters.num_units() > self.adapter_cap || self.kv_held() > self.kv_cap {
+            return Err("a cap is exceeded".into());
         }
         let with_content = self.blocks.iter().filter(|b| b.content.is_some()).count();
         if with_content != self.num_cached {
@@ -460,5 +747,233 @@ mod tests {
         p.register_partial(other, ROOT_HASH, None, &[1, 2]);
         assert!(p.content(other).is_none());
         p.check_consistency().unwrap();
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Alloc,
+        Release(usize, bool),
+        Hit(usize),
+        Ensure(u64),
+        Pin(u64),
+        Unpin(u64),
+        Evict(u64),
+        Touch(u64),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => Just(Op::Alloc),
+            4 => (0usize..64, any::<bool>()).prop_map(|(i, c)| Op::Release(i, c)),
+            1 => (0usize..64).prop_map(Op::Hit),
+            3 => (0u64..8).prop_map(Op::Ensure),
+            2 => (0u64..8).prop_map(Op::Pin),
+            2 => (0u64..8).prop_map(Op::Unpin),
+            1 => (0u64..8).prop_map(Op::Evict),
+            1 => (0u64..8).prop_map(Op::Touch),
+        ]
+    }
+
+    /// Reference model of the unified LRU: what is empty, cached (with its release time),
+    /// referenced, or held by which adapter (with pins and last use), on one clock.
+    #[derive(Default)]
+    struct Model {
+        clock: u64,
+        cached: Vec<(u64, BlockId)>,
+        empty: Vec<BlockId>,
+        adapters: std::collections::HashMap<u64, (Vec<BlockId>, usize, u64)>,
+    }
+
+    impl Model {
+        fn tick(&mut self) -> u64 {
+            self.clock += 1;
+            self.clock
+        }
+        fn oldest_cached(&self) -> Option<(u64, BlockId)> {
+            self.cached.iter().copied().min()
+        }
+        fn oldest_adapter(&self) -> Option<(u64, u64)> {
+            self.adapters
+                .iter()
+                .filter(|(_, e)| e.1 == 0)
+                .map(|(&id, e)| (e.2, id))
+                .min()
+        }
+        fn evict(&mut self, id: u64) {
+            let (units, ..) = self.adapters.remove(&id).unwrap();
+            self.empty.extend(units);
+        }
+    }
+
+    proptest::proptest! {
+        /// Random KV and adapter traffic on one pool, with or without caps: every unit is
+        /// accounted for exactly once, caps hold, and every eviction takes the least recently
+        /// used of the cached blocks and unpinned adapters.
+        #[test]
+        fn unified_allocator_matches_reference_lru(
+            n in 4usize..24,
+            caps in proptest::option::of((1usize..24, 1usize..24)),
+            sizes in proptest::collection::vec(1usize..4, 8),
+            ops in proptest::collection::vec(op(), 1..150),
+        ) {
+            use proptest::prelude::*;
+            let (kv_cap, ad_cap) = match caps {
+                Some((k, a)) => (Some(k), Some(a)),
+                None => (None, None),
+            };
+            let mut p = BlockPool::with_caps(n, kv_cap, ad_cap);
+            let mut m = Model { empty: (0..n as u32).collect(), ..Model::default() };
+            let mut held: Vec<BlockId> = Vec::new(); // referenced blocks, one entry per ref
+            let mut token = 0u32;
+            for op in ops {
+                match op {
+                    Op::Alloc => {
+                        let kv_room = p.kv_held() < p.kv_cap();
+                        // Expected: empty first (within the cap), else LRU of cached/adapters.
+                        let mut expect_evicted = Vec::new();
+                        let expect = loop {
+                            if kv_room && !m.empty.is_empty() {
+                                break Some(None);
+                            }
+                            let c = m.oldest_cached();
+                            let a = if kv_room { m.oldest_adapter() } else { None };
+                            match (c, a) {
+                                (Some((tb, _)), Some((ta, id))) if ta < tb => {
+                                    m.evict(id);
+                                    expect_evicted.push(id);
+                                }
+                                (Some((_, b)), _) => break Some(Some(b)),
+                                (None, Some((_, id))) => {
+                                    m.evict(id);
+                                    expect_evicted.push(id);
+                                }
+                                (None, None) => break None,
+                            }
+                        };
+                        let avail = p.kv_available();
+                        let got = p.alloc();
+                        prop_assert_eq!(got.is_some(), avail > 0);
+                        prop_assert_eq!(p.take_evicted(), expect_evicted);
+                        match (expect, got) {
+                            (Some(None), Some(b)) => {
+                                prop_assert!(m.empty.contains(&b));
+                                m.empty.retain(|&x| x != b);
+                            }
+                            (Some(Some(want)), Some(b)) => {
+                                prop_assert_eq!(want, b);
+                                m.cached.retain(|&(_, x)| x != b);
+                            }
+                            (None, None) => {}
+                            (e, g) => prop_assert!(false, "expected {:?}, got {:?}", e, g),
+                        }
+                        if let Some(b) = got {
+                            held.push(b);
+                        }
+                    }
+                    Op::Release(i, content) => {
+                        if held.is_empty() {
+                            continue;
+                        }
+                        let b = held.swap_remove(i % held.len());
+                        let last = !held.contains(&b);
+                        if content && last && p.content(b).is_none() {
+                            token += 1;
+                            p.register_full(b, 0, None, &[token]);
+                        }
+                        p.release(b);
+                        if last {
+                            if p.content(b).is_some() {
+                                let t = m.tick();
+                                m.cached.push((t, b));
+                            } else {
+                                m.empty.push(b);
+                            }
+                        }
+                    }
+                    Op::Hit(i) => {
+                        if let Some(&(_, b)) = m.cached.get(i % m.cached.len().max(1)) {
+                            p.acquire(b);
+                            m.cached.retain(|&(_, x)| x != b);
+                            held.push(b);
+                        }
+                    }
+                    Op::Ensure(id) => {
+                        let units = sizes[id as usize];
+                        let can = p.can_make_resident(id, units);
+                        match m.adapters.get(&id).map(|e| e.0.len()) {
+                            Some(u) => {
+                                prop_assert_eq!(can, u == units);
+                                prop_assert_eq!(p.ensure_adapter(id, units).unwrap(), Residency::AlreadyResident);
+                                let t = m.tick();
+                                m.adapters.get_mut(&id).unwrap().2 = t;
+                            }
+                            None => {
+                                let r = p.ensure_adapter(id, units);
+                                prop_assert_eq!(r.is_ok(), can);
+                                if let Ok(Residency::Loaded { units: got, evicted }) = r {
+                                    let cap = p.adapter_cap();
+                                    let mut expect = Vec::new();
+                                    let total = |m: &Model| m.adapters.values().map(|e| e.0.len()).sum::<usize>();
+                                    while total(&m) + units > cap {
+                                        let (_, a) = m.oldest_adapter().unwrap();
+                                        m.evict(a);
+                                        expect.push(a);
+                                    }
+                                    while m.empty.len() < units {
+                                        match (m.oldest_cached(), m.oldest_adapter()) {
+                                            (Some((tb, _)), Some((ta, a))) if ta < tb => { m.evict(a); expect.push(a); }
+                                            (Some((_, b)), _) => { m.cached.retain(|&(_, x)| x != b); m.empty.push(b); }
+                                            (None, Some((_, a))) => { m.evict(a); expect.push(a); }
+                                            (None, None) => prop_assert!(false, "model ran dry"),
+                                        }
+                                    }
+                                    prop_assert_eq!(&evicted, &expect);
+                                    prop_assert_eq!(p.take_evicted(), expect);
+                                    for &u in &got {
+                                        prop_assert!(m.empty.contains(&u));
+                                    }
+                                    m.empty.retain(|u| !got.contains(u));
+                                    let t = m.tick();
+                                    m.adapters.insert(id, (got, 0, t));
+                                }
+                            }
+                        }
+                    }
+                    Op::Pin(id) => {
+                        let r = p.pin_adapter(id);
+                        prop_assert_eq!(r.is_ok(), m.adapters.contains_key(&id));
+                        if let Some(e) = m.adapters.get_mut(&id) { e.1 += 1; }
+                    }
+                    Op::Unpin(id) => {
+                        let ok = m.adapters.get(&id).is_some_and(|e| e.1 > 0);
+                        prop_assert_eq!(p.unpin_adapter(id).is_ok(), ok);
+                        if ok { m.adapters.get_mut(&id).unwrap().1 -= 1; }
+                    }
+                    Op::Evict(id) => {
+                        match m.adapters.get(&id).map(|e| e.1) {
+                            Some(0) => { prop_assert!(p.evict_adapter(id).unwrap()); m.evict(id); }
+                            Some(_) => prop_assert!(p.evict_adapter(id).is_err()),
+                            None => prop_assert!(!p.evict_adapter(id).unwrap()),
+                        }
+                    }
+                    Op::Touch(id) => {
+                        let t = m.tick();
+                        prop_assert_eq!(p.touch_adapter(id), m.adapters.contains_key(&id));
+                        if let Some(e) = m.adapters.get_mut(&id) { e.2 = t; }
+                    }
+                }
+                p.check_consistency().map_err(proptest::test_runner::TestCaseError::fail)?;
+                // Every unit accounted for exactly once, in the model too.
+                let ad: usize = m.adapters.values().map(|e| e.0.len()).sum();
+                let mut refs = held.clone();
+                refs.sort_unstable();
+                refs.dedup();
+                prop_assert_eq!(m.empty.len() + m.cached.len() + ad + refs.len(), n);
+                prop_assert_eq!(p.num_empty(), m.empty.len());
+                prop_assert_eq!(p.num_free(), m.empty.len() + m.cached.len());
+                prop_assert_eq!(p.adapters().num_units(), ad);
+            }
+        }
     }
 }

@@ -46,8 +46,12 @@ pub struct KvManager {
 
 impl KvManager {
     pub fn new(num_blocks: usize, block_size: usize, prefix_cache: bool) -> Self {
+        Self::with_pool(BlockPool::new(num_blocks), block_size, prefix_cache)
+    }
+
+    pub fn with_pool(pool: BlockPool, block_size: usize, prefix_cache: bool) -> Self {
         Self {
-            pool: BlockPool::new(num_blocks),
+            pool,
             block_size,
             prefix_cache,
         }
@@ -122,7 +126,7 @@ impl KvManager {
     }
 
     pub fn can_allocate(&self, seq: &SeqKv, m: Option<&PrefixMatch>, total: usize) -> bool {
-        self.blocks_needed(seq, m, total) <= self.pool.num_free()
+        self.blocks_needed(seq, m, total) <= self.pool.kv_available()
     }
 
     /// Take the prefix match: acquire hit blocks, and for a partial match pin the source
