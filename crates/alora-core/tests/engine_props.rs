@@ -846,8 +846,7 @@ proptest! {
         }
         let mut admitted: Vec<u64> = Vec::new();
         let mut guard = 0;
-        loop {
-            let Some(p) = e.schedule().unwrap() else { break };
+        while let Some(p) = e.schedule().unwrap() {
             for &id in &p.request_ids {
                 if !admitted.contains(&id) {
                     admitted.push(id);
