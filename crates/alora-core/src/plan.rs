@@ -2,6 +2,7 @@
 //! and handed to Python without per-element conversion.
 
 use crate::adapters::AdapterId;
+use crate::pages::AdapterRows;
 use crate::request::RequestId;
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -30,8 +31,10 @@ pub struct StepPlan {
     pub adapter_rank: Vec<i32>,
     /// Offsets into `adapter_rows`, per (segment, module), plus the end.
     pub adapter_row_start: Vec<i32>,
-    /// Row ids (see [`crate::pages`]).
+    /// A row ids (see [`crate::pages`]).
     pub adapter_rows: Vec<i32>,
+    /// Bt row ids, at the same offsets as `adapter_rows`.
+    pub adapter_bt_rows: Vec<i32>,
     // Work to do before the forward pass.
     pub copy_src: Vec<i64>,
     pub copy_dst: Vec<i64>,
@@ -39,12 +42,11 @@ pub struct StepPlan {
     pub adapter_loads: Vec<AdapterLoad>,
 }
 
-/// A page-in: write the adapter's rows (module m's at `rows[row_start[m]..row_start[m+1]]`).
+/// A page-in: write the adapter's rows where `rows` says.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AdapterLoad {
     pub id: AdapterId,
-    pub row_start: Vec<i32>,
-    pub rows: Vec<i32>,
+    pub rows: AdapterRows,
 }
 
 impl StepPlan {

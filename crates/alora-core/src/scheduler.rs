@@ -20,7 +20,7 @@ use crate::adapters::AdapterId;
 use crate::error::{Error, Result};
 use crate::kv::BlockPool;
 use crate::kv::{BlockId, KvManager};
-use crate::pages::{Residency, UnitGeometry};
+use crate::pages::{AdapterRows, Residency, UnitGeometry};
 use crate::plan::{AdapterLoad, StepPlan};
 use crate::request::{FinishReason, Request, RequestId, RequestOutput, Status};
 
@@ -123,8 +123,8 @@ pub struct Scheduler {
     pub kv: KvManager,
     geo: UnitGeometry,
     shapes: FxHashMap<AdapterId, Shape>,
-    /// Row ids of resident adapters: (row_start per module, rows).
-    rows_of: FxHashMap<AdapterId, (Vec<i32>, Vec<i32>)>,
+    /// Row ids of resident adapters.
+    rows_of: FxHashMap<AdapterId, AdapterRows>,
     requests: FxHashMap<RequestId, Request>,
     waiting: VecDeque<RequestId>,
     running: Vec<RequestId>,
@@ -373,14 +373,13 @@ impl Scheduler {
             if let (Some(a), Some(units)) = (active, fresh) {
                 let shape = &self.shapes[&a.id];
                 let ranks: Vec<usize> = shape.module_ranks.iter().map(|&r| r as usize).collect();
-                let (row_start, rows) = self.geo.rows(&ranks, &units);
+                let rows = self.geo.rows(&ranks, &units);
                 self.stats.adapter_loads += 1;
                 loads.push(AdapterLoad {
                     id: a.id,
-                    row_start: row_start.clone(),
                     rows: rows.clone(),
                 });
-                self.rows_of.insert(a.id, (row_start, rows));
+                self.rows_of.insert(a.id, rows);
                 loaded.push(a.id);
             }
             self.waiting.remove(wi);
@@ -525,15 +524,17 @@ impl Scheduler {
         p.adapter_row_start.push(0);
         for &a in &seg_ids {
             self.kv.pool.touch_adapter(a);
-            let (row_start, rows) = self
+            let rows = self
                 .rows_of
                 .get(&a)
                 .expect("active adapters are resident and pinned");
             p.segment_adapter.push(a);
-            for m in 0..row_start.len() - 1 {
-                let (r0, r1) = (row_start[m] as usize, row_start[m + 1] as usize);
+            let rs = &rows.row_start;
+            for m in 0..rs.len() - 1 {
+                let (r0, r1) = (rs[m] as usize, rs[m + 1] as usize);
                 p.adapter_rank.push((r1 - r0) as i32);
-                p.adapter_rows.extend_from_slice(&rows[r0..r1]);
+                p.adapter_rows.extend_from_slice(&rows.a_rows[r0..r1]);
+                p.adapter_bt_rows.extend_from_slice(&rows.bt_rows[r0..r1]);
                 p.adapter_row_start.push(p.adapter_rows.len() as i32);
             }
         }

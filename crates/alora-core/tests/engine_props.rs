@@ -198,12 +198,17 @@ impl Sim {
 
     /// Write the rows of a page-in; `fraction` of each module's rows (an interrupted one).
     fn page_in(&mut self, g: usize, load: &AdapterLoad, fraction: f64) {
+        let rows = &load.rows;
         for (m, &(_, i, o)) in MODULES.iter().enumerate() {
-            let (r0, r1) = (load.row_start[m] as usize, load.row_start[m + 1] as usize);
+            let (r0, r1) = (rows.row_start[m] as usize, rows.row_start[m + 1] as usize);
             let keep = ((r1 - r0) as f64 * fraction) as usize;
-            for (j, &c) in load.rows[r0..r1].iter().enumerate().take(keep) {
-                let at = c as usize * g;
-                self.mem[at..at + i + o].fill(row_tag(load.id, m, j));
+            for j in 0..keep {
+                let (a, b) = (
+                    rows.a_rows[r0 + j] as usize * g,
+                    rows.bt_rows[r0 + j] as usize * g,
+                );
+                self.mem[a..a + i].fill(row_tag(load.id, m, j));
+                self.mem[b..b + o].fill(!row_tag(load.id, m, j));
             }
         }
     }

@@ -5,8 +5,8 @@ use alora_core::plan::StepPlan;
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods};
 use pyo3::prelude::*;
 
-/// (adapter id, row_start per module, rows).
-type PageIn = (u64, Py<PyArray1<i32>>, Py<PyArray1<i32>>);
+/// (adapter id, row_start per module, A rows, Bt rows).
+type PageIn = (u64, Py<PyArray1<i32>>, Py<PyArray1<i32>>, Py<PyArray1<i32>>);
 
 #[pyclass(module = "alora._core", name = "StepPlan", frozen)]
 pub struct PyStepPlan {
@@ -49,6 +49,8 @@ pub struct PyStepPlan {
     #[pyo3(get)]
     adapter_rows: Py<PyArray1<i32>>,
     #[pyo3(get)]
+    adapter_bt_rows: Py<PyArray1<i32>>,
+    #[pyo3(get)]
     copy_src: Py<PyArray1<i64>>,
     #[pyo3(get)]
     copy_dst: Py<PyArray1<i64>>,
@@ -90,13 +92,22 @@ impl PyStepPlan {
             adapter_rank: arr(py, p.adapter_rank),
             adapter_row_start: arr(py, p.adapter_row_start),
             adapter_rows: arr(py, p.adapter_rows),
+            adapter_bt_rows: arr(py, p.adapter_bt_rows),
             copy_src: arr(py, p.copy_src),
             copy_dst: arr(py, p.copy_dst),
             copy_len: arr(py, p.copy_len),
             adapter_loads: p
                 .adapter_loads
                 .into_iter()
-                .map(|l| (l.id, arr(py, l.row_start), arr(py, l.rows)))
+                .map(|l| {
+                    let r = l.rows;
+                    (
+                        l.id,
+                        arr(py, r.row_start),
+                        arr(py, r.a_rows),
+                        arr(py, r.bt_rows),
+                    )
+                })
                 .collect(),
         })
     }
