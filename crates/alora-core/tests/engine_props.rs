@@ -244,12 +244,13 @@ impl Sim {
                 );
                 prop_assert_eq!(r1 - r0, p.adapter_rank[k] as usize);
                 prop_assert_eq!(r1 - r0, info.module_rank(0, m), "no padding");
-                for (j, &c) in p.adapter_rows[r0..r1].iter().enumerate() {
-                    let at = c as usize * g;
+                for j in 0..r1 - r0 {
+                    let a = p.adapter_rows[r0 + j] as usize * g;
+                    let b = p.adapter_bt_rows[r0 + j] as usize * g;
+                    let tag = row_tag(adapter, m, j);
                     prop_assert!(
-                        self.mem[at..at + i + o]
-                            .iter()
-                            .all(|&x| x == row_tag(adapter, m, j)),
+                        self.mem[a..a + i].iter().all(|&x| x == tag)
+                            && self.mem[b..b + o].iter().all(|&x| x == !tag),
                         "row {} of module {} of adapter {} is not intact",
                         j,
                         m,
