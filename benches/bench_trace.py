@@ -15,6 +15,8 @@ stretches compute, not the arrival process.
 
 python benches/bench_trace.py            # n in 1 8 64 512 (~10 min on 2 CPU cores)
 python benches/bench_trace.py --quick    # < 1 min smoke run
+
+Issue 11's trace (up to 10,000 adapters on disk, one memory budget vs fixed splits): bench_memory.py
 """
 
 from __future__ import annotations
