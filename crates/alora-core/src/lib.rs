@@ -8,6 +8,7 @@
 pub mod adapters;
 pub mod engine;
 pub mod error;
+pub mod host;
 pub mod invocation;
 pub mod kernels;
 pub mod kv;

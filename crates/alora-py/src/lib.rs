@@ -75,8 +75,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(activation_start, m)?)?;
     m.add_function(wrap_pyfunction!(untokenized_invocation, m)?)?;
     m.add_function(wrap_pyfunction!(base_prefix_hashes, m)?)?;
+    m.add_function(wrap_pyfunction!(adapter::read_adapter_weights, m)?)?;
     m.add_class::<engine::PyEngine>()?;
     m.add_class::<adapter::PyAdapterInfo>()?;
+    m.add_class::<adapter::PyAdapterWeights>()?;
     m.add_class::<plan::PyStepPlan>()?;
     m.add_class::<output::PyRequestOutput>()?;
     Ok(())

@@ -461,6 +461,51 @@ impl AdapterConfig {
         }
     }
 
+    /// An estimate of the heap bytes the config holds (strings, lists, pattern maps), for
+    /// [`Adapter::metadata_bytes`](super::Adapter::metadata_bytes).
+    pub fn heap_bytes(&self) -> usize {
+        // A BTreeMap entry costs its key, its value and about a pointer of node overhead.
+        const ENTRY: usize = 3 * std::mem::size_of::<usize>();
+        let strings = |v: &[String]| -> usize {
+            v.iter()
+                .map(|s| s.capacity() + std::mem::size_of::<String>())
+                .sum::<usize>()
+        };
+        let targets = |t: &TargetModules| match t {
+            TargetModules::List(l) => strings(l),
+            TargetModules::Regex(s) => s.capacity(),
+        };
+        let rank = self
+            .rank_pattern
+            .keys()
+            .map(|k| k.capacity() + ENTRY)
+            .sum::<usize>();
+        let alpha = self
+            .alpha_pattern
+            .keys()
+            .map(|k| k.capacity() + ENTRY)
+            .sum::<usize>();
+        self.raw_json.capacity()
+            + targets(&self.target_modules)
+            + self.exclude_modules.as_ref().map_or(0, targets)
+            + rank
+            + alpha
+            + self
+                .alora_invocation_tokens
+                .as_ref()
+                .map_or(0, |t| t.capacity() * 4)
+            + self.invocation_string.as_ref().map_or(0, String::capacity)
+            + self.peft_type.as_ref().map_or(0, String::capacity)
+            + self
+                .layers_to_transform
+                .as_ref()
+                .map_or(0, |l| l.capacity() * std::mem::size_of::<usize>())
+            + self.layers_pattern.as_deref().map_or(0, strings)
+            + strings(&self.modules_to_save)
+            + strings(&self.rank_pattern_order)
+            + strings(&self.alpha_pattern_order)
+    }
+
     /// Checks what `from_json_str` checks, for configs built in memory too.
     pub fn validate(&self, origin: &str) -> Result<()> {
         if self.r == 0 {

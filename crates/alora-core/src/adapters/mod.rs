@@ -1,10 +1,15 @@
-//! The adapter registry and host store.
+//! The adapter registry (the disk tier) and reading an adapter's weights.
 //!
 //! Reads PEFT adapter directories (`adapter_config.json` + `adapter_model.safetensors`)
-//! or in-memory tensors, validates every tensor against the caller's [`ModelSpec`]
+//! or in-memory tensors and validates every tensor against the caller's [`ModelSpec`]
 //! following PEFT's own rules (target matching, `rank_pattern` / `alpha_pattern`,
-//! rsLoRA scaling), and keeps the weights on the host as f32. Nothing is stored until
-//! the whole adapter has been validated, so a failed load leaves the registry as it was.
+//! rsLoRA scaling). Registering a directory reads the config and only the safetensors
+//! *header* (names, shapes, dtypes, data extent): an [`Adapter`] is metadata, a few KB
+//! whatever its size. [`Adapter::read_weights`] reads the values on first use, checks that
+//! the file is still the one registered, and returns them as f32 [`HostWeights`] (which the
+//! caller keeps in a [`crate::host::HostCache`]). Adapters loaded from memory keep their
+//! weights. Nothing is stored until the whole adapter has been validated, so a failed load
+//! leaves the registry as it was.
 
 mod config;
 mod names;
@@ -13,10 +18,15 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
+use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{Error, Result};
 
@@ -140,6 +150,102 @@ pub struct TensorInput {
     pub data: Vec<f32>,
 }
 
+/// An adapter's weights on the host, f32, per (layer, module). Immutable once built; share
+/// it as `Arc<HostWeights>`.
+pub struct HostWeights {
+    /// Indexed `layer * num_modules + module`.
+    slots: Vec<Option<LoraWeights>>,
+    num_modules: usize,
+    bytes: usize,
+}
+
+impl HostWeights {
+    /// Weights of `num_layers = slots.len() / num_modules` layers, indexed
+    /// `layer * num_modules + module`. Not validated against a spec: the registry builds
+    /// validated ones; this is for callers that make their own (tests, fakes).
+    ///
+    /// # Panics
+    /// If `num_modules` is 0 or does not divide `slots.len()`.
+    pub fn new(num_modules: usize, slots: Vec<Option<LoraWeights>>) -> Self {
+        assert!(
+            slots.len().checked_rem(num_modules) == Some(0),
+            "{} slots do not make whole layers of {num_modules} modules",
+            slots.len()
+        );
+        let bytes = slots
+            .iter()
+            .flatten()
+            .map(|w| (w.a.len() + w.b.len()) * std::mem::size_of::<f32>())
+            .sum();
+        HostWeights {
+            slots,
+            num_modules,
+            bytes,
+        }
+    }
+
+    /// None if (layer, module) is not adapted or out of range.
+    pub fn get(&self, layer: usize, module: usize) -> Option<&LoraWeights> {
+        if module >= self.num_modules {
+            return None;
+        }
+        let idx = layer.checked_mul(self.num_modules)?.checked_add(module)?;
+        self.slots.get(idx)?.as_ref()
+    }
+
+    /// Bytes of the f32 values (A and B of every adapted (layer, module)).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.slots.len() / self.num_modules
+    }
+
+    pub fn num_modules(&self) -> usize {
+        self.num_modules
+    }
+}
+
+// Hand-written so that printing weights does not dump megabytes of values.
+impl fmt::Debug for HostWeights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostWeights")
+            .field("num_layers", &self.num_layers())
+            .field("num_modules", &self.num_modules)
+            .field("adapted", &self.slots.iter().flatten().count())
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+/// Rank (0 = not adapted) and scale of one (layer, module), 8 bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Slot {
+    rank: u32,
+    scale: f32,
+}
+
+/// What identifies the registered version of a weights file: a read refuses a file that
+/// differs in any of these. A replacement with the same header, the same length and the
+/// same modification time (e.g. within one timestamp tick) is not detected.
+#[derive(Debug)]
+struct FileStamp {
+    path: PathBuf,
+    len: u64,
+    modified: Option<SystemTime>,
+    /// xxh3 of the JSON header bytes: names, shapes, dtypes and offsets.
+    header_hash: u64,
+}
+
+#[derive(Debug)]
+enum Source {
+    File(FileStamp),
+    Memory(Arc<HostWeights>),
+}
+
+/// A registered adapter: metadata only (the weights of a directory adapter stay on disk
+/// until [`read_weights`](Self::read_weights)).
 pub struct Adapter {
     pub id: AdapterId,
     pub name: String,
@@ -147,36 +253,45 @@ pub struct Adapter {
     pub config: AdapterConfig,
     /// Some for ALora, None for Lora.
     pub invocation_tokens: Option<Vec<u32>>,
-    /// Rows it occupies in a pool: the max rank over its modules.
+    /// The max rank over its (layer, module)s.
     pub max_rank: usize,
+    /// Per module of the spec: the max rank over layers, 0 where the adapter does not
+    /// target the module.
+    pub module_ranks: Vec<usize>,
+    /// The largest |scale| over adapted (layer, module)s (the segment scale); 1.0 if that
+    /// is 0.
+    pub max_abs_scale: f32,
     /// Indexed `layer * num_modules + module`.
-    weights: Vec<Option<LoraWeights>>,
+    slots: Box<[Slot]>,
     num_modules: usize,
+    host_bytes: usize,
+    spec: Arc<ModelSpec>,
+    source: Source,
 }
 
 impl Adapter {
-    pub fn weights(&self, layer: usize, module: usize) -> Option<&LoraWeights> {
-        if module >= self.num_modules || layer >= self.num_layers() {
-            return None;
-        }
-        self.weights[layer * self.num_modules + module].as_ref()
+    /// 0 if not adapted (or out of range).
+    pub fn module_rank(&self, layer: usize, module: usize) -> usize {
+        self.slot(layer, module).map_or(0, |s| s.rank as usize)
     }
 
-    /// 0 if not adapted.
-    pub fn module_rank(&self, layer: usize, module: usize) -> usize {
-        self.weights(layer, module).map_or(0, |w| w.rank)
+    /// The scale (alpha / r, or alpha / sqrt(r) with rsLoRA) of an adapted (layer, module).
+    pub fn scale(&self, layer: usize, module: usize) -> Option<f32> {
+        self.slot(layer, module).map(|s| s.scale)
+    }
+
+    fn slot(&self, layer: usize, module: usize) -> Option<Slot> {
+        if module >= self.num_modules {
+            return None;
+        }
+        let idx = layer.checked_mul(self.num_modules)?.checked_add(module)?;
+        self.slots.get(idx).copied().filter(|s| s.rank > 0)
     }
 
     /// Module indices adapted in at least one layer, ascending.
     pub fn targeted_modules(&self) -> Vec<usize> {
         (0..self.num_modules)
-            .filter(|&m| {
-                self.weights
-                    .iter()
-                    .skip(m)
-                    .step_by(self.num_modules)
-                    .any(Option::is_some)
-            })
+            .filter(|&m| self.module_ranks[m] > 0)
             .collect()
     }
 
@@ -185,25 +300,140 @@ impl Adapter {
     }
 
     pub fn num_layers(&self) -> usize {
-        self.weights.len() / self.num_modules
+        self.slots.len() / self.num_modules
     }
 
     pub fn num_modules(&self) -> usize {
         self.num_modules
     }
 
-    /// Host bytes held by the f32 weights.
+    /// Host bytes of its f32 weights once read (= `read_weights()?.bytes()`).
     pub fn host_bytes(&self) -> usize {
-        self.weights
+        self.host_bytes
+    }
+
+    /// The weights file, for adapters registered from a directory.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.source {
+            Source::File(stamp) => Some(&stamp.path),
+            Source::Memory(_) => None,
+        }
+    }
+
+    /// The weights of an adapter loaded from memory (always available); None for an
+    /// adapter registered from a directory.
+    pub fn weights_in_memory(&self) -> Option<Arc<HostWeights>> {
+        match &self.source {
+            Source::Memory(w) => Some(Arc::clone(w)),
+            Source::File(_) => None,
+        }
+    }
+
+    /// The adapter's weights. From memory: the kept ones (no copy). From a directory: reads
+    /// the whole weights file (an owned read, no map), checks that it is the file that was
+    /// registered (same length, modification time and header; else an `AdapterFormat`
+    /// error naming the file), converts to f32 and checks every value is finite (the
+    /// errors `load_dir` gave before registration was lazy). Blocking I/O; thread-safe.
+    pub fn read_weights(&self) -> Result<Arc<HostWeights>> {
+        match &self.source {
+            Source::Memory(w) => Ok(Arc::clone(w)),
+            Source::File(stamp) => self.read_file(stamp).map(Arc::new),
+        }
+    }
+
+    fn read_file(&self, stamp: &FileStamp) -> Result<HostWeights> {
+        let path = &stamp.path;
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        let changed = |what: String| {
+            format_err(
+                path,
+                format!(
+                    "the file changed on disk since adapter `{}` was registered ({what}); \
+                     unload the adapter and load it again",
+                    self.name
+                ),
+            )
+        };
+        let mut file = File::open(path).map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if meta.len() != stamp.len {
+            return Err(changed(format!(
+                "{} bytes, registered with {}",
+                meta.len(),
+                stamp.len
+            )));
+        }
+        if meta.modified().ok() != stamp.modified {
+            return Err(changed("its modification time differs".into()));
+        }
+        // Read into owned memory rather than mapping: a map turns a file that shrinks under
+        // the reader into SIGBUS, a read into a short buffer that is refused below. Every
+        // value is converted into owned f32 anyway, so the map would save one transient copy.
+        let mut bytes = Vec::with_capacity(usize::try_from(stamp.len).unwrap_or(0));
+        file.read_to_end(&mut bytes).map_err(io)?;
+        if bytes.len() as u64 != stamp.len {
+            return Err(changed(format!(
+                "read {} bytes, registered with {}",
+                bytes.len(),
+                stamp.len
+            )));
+        }
+        let header = bytes
+            .get(..8)
+            .map(|p| u64::from_le_bytes(p.try_into().expect("8 bytes")))
+            .and_then(|n| usize::try_from(n).ok())
+            .and_then(|n| bytes.get(8..8usize.checked_add(n)?));
+        if header.map(xxh3_64) != Some(stamp.header_hash) {
+            return Err(changed("its header differs".into()));
+        }
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(path, e))?;
+        let views = st.tensors();
+        for (name, view) in &views {
+            check_dtype(name, view.dtype())?;
+        }
+        let metas: Vec<TensorMeta> = views
             .iter()
-            .flatten()
-            .map(|w| (w.a.len() + w.b.len()) * std::mem::size_of::<f32>())
-            .sum()
+            .map(|(name, view)| TensorMeta {
+                name,
+                shape: view.shape(),
+                values: None,
+            })
+            .collect();
+        let origin = path.display().to_string();
+        let plan = plan(&self.spec, &self.config, &origin, &metas)?;
+        if compact(&plan)? != self.slots {
+            return Err(changed("its tensors differ".into()));
+        }
+        convert(&plan, self.num_modules, &origin, &metas, |i| {
+            let view = &views[i].1;
+            bytes_to_f32(view.dtype(), view.data())
+        })
+    }
+
+    /// An estimate of the host bytes this registration holds (the struct, its name, config,
+    /// path and per-(layer, module) arrays; not the weights, not the registry's map entry).
+    pub fn metadata_bytes(&self) -> usize {
+        let path = match &self.source {
+            Source::File(stamp) => stamp.path.as_os_str().len(),
+            Source::Memory(_) => 0,
+        };
+        std::mem::size_of::<Adapter>()
+            + self.name.capacity()
+            + self.config.heap_bytes()
+            + self
+                .invocation_tokens
+                .as_ref()
+                .map_or(0, |t| t.capacity() * std::mem::size_of::<u32>())
+            + self.module_ranks.capacity() * std::mem::size_of::<usize>()
+            + std::mem::size_of_val::<[Slot]>(&self.slots)
+            + path
     }
 }
 
-// Hand-written so that printing an adapter (e.g. in a failed `unwrap_err`) does not dump
-// megabytes of weights.
+// Hand-written so that printing an adapter (e.g. in a failed `unwrap_err`) stays short.
 impl fmt::Debug for Adapter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Adapter")
@@ -212,7 +442,8 @@ impl fmt::Debug for Adapter {
             .field("kind", &self.kind)
             .field("invocation_tokens", &self.invocation_tokens)
             .field("max_rank", &self.max_rank)
-            .field("adapted_modules", &self.weights.iter().flatten().count())
+            .field("module_ranks", &self.module_ranks)
+            .field("path", &self.path())
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -233,19 +464,102 @@ impl fmt::Debug for AdapterRegistry {
     }
 }
 
-/// All loaded adapters, by name.
+/// All registered adapters, by name.
 pub struct AdapterRegistry {
-    spec: ModelSpec,
+    spec: Arc<ModelSpec>,
     by_name: BTreeMap<String, Arc<Adapter>>,
     /// Ids are never reused: KV-cache entries are keyed by id, so a reloaded adapter
     /// must not match its predecessor's cache. Starts at 1, so 0 is never an adapter id.
     next_id: AdapterId,
 }
 
+fn format_err(path: &Path, detail: String) -> Error {
+    Error::AdapterFormat {
+        path: path.display().to_string(),
+        detail,
+    }
+}
+
+fn corrupt(path: &Path, e: impl fmt::Display) -> Error {
+    format_err(
+        path,
+        format!("not a valid safetensors file (truncated or corrupt): {e}"),
+    )
+}
+
+fn check_dtype(name: &str, dtype: Dtype) -> Result<()> {
+    match dtype {
+        Dtype::F32 | Dtype::F16 | Dtype::BF16 => Ok(()),
+        dtype => Err(Error::UnsupportedDtype {
+            tensor: name.to_string(),
+            dtype: dtype.to_string(),
+        }),
+    }
+}
+
+/// The largest header safetensors itself accepts.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Reads the 8-byte length and the JSON header of a safetensors file, and no tensor data.
+/// The file's length must be exactly what the header declares, so a truncated file is
+/// refused here.
+fn read_header(path: &Path) -> Result<(FileStamp, Metadata)> {
+    let io = |source: std::io::Error| {
+        if source.kind() == std::io::ErrorKind::UnexpectedEof {
+            corrupt(path, "the file ended inside its header")
+        } else {
+            Error::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    };
+    let mut file = File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    let len = meta.len();
+    if len < 8 {
+        return Err(corrupt(
+            path,
+            format!("{len} bytes, shorter than the 8-byte header length"),
+        ));
+    }
+    let mut prefix = [0u8; 8];
+    file.read_exact(&mut prefix).map_err(io)?;
+    let n = u64::from_le_bytes(prefix);
+    if n > MAX_HEADER_BYTES || n > len - 8 {
+        return Err(corrupt(
+            path,
+            format!("header length {n} does not fit the file of {len} bytes"),
+        ));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let metadata: Metadata =
+        serde_json::from_slice(&header).map_err(|e| corrupt(path, format!("header: {e}")))?;
+    let extent = metadata.data_len() as u64;
+    if 8 + n + extent != len {
+        return Err(corrupt(
+            path,
+            format!(
+                "the header declares {extent} bytes of tensor data but the file holds {}",
+                len - 8 - n
+            ),
+        ));
+    }
+    let stamp = FileStamp {
+        // Absolute, so that a later read does not depend on the working directory.
+        path: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+        len,
+        modified: meta.modified().ok(),
+        header_hash: xxh3_64(&header),
+    };
+    Ok((stamp, metadata))
+}
+
 impl AdapterRegistry {
     pub fn new(spec: ModelSpec) -> Self {
         AdapterRegistry {
-            spec,
+            spec: Arc::new(spec),
             by_name: BTreeMap::new(),
             next_id: 1,
         }
@@ -255,8 +569,9 @@ impl AdapterRegistry {
         &self.spec
     }
 
-    /// Loads a PEFT adapter directory. `invocation_tokens` overrides the config's and makes
-    /// the adapter aLoRA.
+    /// Registers a PEFT adapter directory: reads and validates its config and the tensor
+    /// index (names, shapes, dtypes) of its weights file, not the weights.
+    /// `invocation_tokens` overrides the config's and makes the adapter aLoRA.
     pub fn load_dir(
         &mut self,
         name: &str,
@@ -268,10 +583,6 @@ impl AdapterRegistry {
             path: dir.to_path_buf(),
             source,
         })?;
-        let format_err = |path: &Path, detail: String| Error::AdapterFormat {
-            path: path.display().to_string(),
-            detail,
-        };
         if !meta.is_dir() {
             return Err(format_err(
                 dir,
@@ -301,41 +612,33 @@ impl AdapterRegistry {
             };
             return Err(format_err(dir, detail.into()));
         }
-        let weights_origin = weights_path.display().to_string();
-        // Read into owned memory rather than mapping: a map turns a file that shrinks under
-        // the reader into SIGBUS, a read into a short buffer that the parser rejects. Every
-        // value is converted into owned f32 anyway, so the map would save one transient copy.
-        let bytes = std::fs::read(&weights_path).map_err(|source| Error::Io {
-            path: weights_path.clone(),
-            source,
-        })?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-            format_err(
-                &weights_path,
-                format!("not a valid safetensors file (truncated or corrupt): {e}"),
-            )
-        })?;
-        let raws = st
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| match view.dtype() {
-                dtype @ (Dtype::F32 | Dtype::F16 | Dtype::BF16) => Ok(RawTensor {
-                    name,
-                    shape: view.shape().to_vec(),
-                    data: Data::Bytes(dtype, view.data()),
-                }),
-                dtype => Err(Error::UnsupportedDtype {
-                    tensor: name,
-                    dtype: dtype.to_string(),
-                }),
+        let (stamp, header) = read_header(&weights_path)?;
+        let mut infos: Vec<_> = header.tensors().into_iter().collect();
+        // Sorted so that the error reported for a bad adapter does not depend on map order.
+        infos.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, info) in &infos {
+            check_dtype(name, info.dtype)?;
+        }
+        let metas: Vec<TensorMeta> = infos
+            .iter()
+            .map(|(name, info)| TensorMeta {
+                name,
+                shape: &info.shape,
+                values: None,
             })
-            .collect::<Result<Vec<_>>>()?;
-        let built = build(&self.spec, &config, &weights_origin, raws)?;
-        Ok(self.insert(name, kind, config, tokens, built))
+            .collect();
+        let plan = plan(
+            &self.spec,
+            &config,
+            &weights_path.display().to_string(),
+            &metas,
+        )?;
+        self.insert(name, kind, config, tokens, &plan, Source::File(stamp))
     }
 
     /// Loads an adapter from in-memory tensors (e.g. a PEFT `state_dict`), with the same
-    /// validation as [`load_dir`](Self::load_dir).
+    /// validation as [`load_dir`](Self::load_dir) plus the values' (finite, one per
+    /// element); the weights are kept.
     pub fn load_tensors(
         &mut self,
         name: &str,
@@ -346,16 +649,29 @@ impl AdapterRegistry {
         self.check_name(name)?;
         config.validate(MEMORY_ORIGIN)?;
         let (kind, tokens) = resolve_invocation(&config, invocation_tokens)?;
-        let raws = tensors
+        let mut data: Vec<Vec<f32>> = Vec::with_capacity(tensors.len());
+        let heads: Vec<(String, Vec<usize>)> = tensors
             .into_iter()
-            .map(|t| RawTensor {
-                name: t.name,
-                shape: t.shape,
-                data: Data::F32(t.data),
+            .map(|t| {
+                data.push(t.data);
+                (t.name, t.shape)
             })
             .collect();
-        let built = build(&self.spec, &config, MEMORY_ORIGIN, raws)?;
-        Ok(self.insert(name, kind, config, tokens, built))
+        let metas: Vec<TensorMeta> = heads
+            .iter()
+            .zip(&data)
+            .map(|((name, shape), values)| TensorMeta {
+                name,
+                shape,
+                values: Some(values.len()),
+            })
+            .collect();
+        let plan = plan(&self.spec, &config, MEMORY_ORIGIN, &metas)?;
+        let weights = convert(&plan, self.spec.num_modules(), MEMORY_ORIGIN, &metas, |i| {
+            std::mem::take(&mut data[i])
+        })?;
+        let source = Source::Memory(Arc::new(weights));
+        self.insert(name, kind, config, tokens, &plan, source)
     }
 
     pub fn unload(&mut self, name: &str) -> Result<Arc<Adapter>> {
@@ -408,8 +724,24 @@ impl AdapterRegistry {
         kind: AdapterKind,
         config: AdapterConfig,
         invocation_tokens: Option<Vec<u32>>,
-        built: Built,
-    ) -> Arc<Adapter> {
+        plan: &Plan,
+        source: Source,
+    ) -> Result<Arc<Adapter>> {
+        let slots = compact(plan)?;
+        let num_modules = self.spec.num_modules();
+        let mut module_ranks = vec![0usize; num_modules];
+        let mut max_abs_scale = 0f32;
+        let mut host_bytes = 0usize;
+        for (idx, s) in slots.iter().enumerate() {
+            if s.rank == 0 {
+                continue;
+            }
+            let m = &self.spec.modules[idx % num_modules];
+            let r = s.rank as usize;
+            module_ranks[idx % num_modules] = module_ranks[idx % num_modules].max(r);
+            max_abs_scale = max_abs_scale.max(s.scale.abs());
+            host_bytes += r * (m.in_features + m.out_features) * std::mem::size_of::<f32>();
+        }
         let id = self.next_id;
         self.next_id += 1;
         let adapter = Arc::new(Adapter {
@@ -418,12 +750,21 @@ impl AdapterRegistry {
             kind,
             config,
             invocation_tokens,
-            max_rank: built.max_rank,
-            weights: built.weights,
-            num_modules: self.spec.modules.len(),
+            max_rank: plan.max_rank,
+            module_ranks,
+            max_abs_scale: if max_abs_scale > 0.0 {
+                max_abs_scale
+            } else {
+                1.0
+            },
+            slots,
+            num_modules,
+            host_bytes,
+            spec: Arc::clone(&self.spec),
+            source,
         });
         self.by_name.insert(name.to_string(), Arc::clone(&adapter));
-        adapter
+        Ok(adapter)
     }
 }
 
@@ -452,71 +793,76 @@ fn resolve_invocation(
     }
 }
 
-enum Data<'a> {
-    F32(Vec<f32>),
-    /// Little-endian values straight from the file; dtype already checked supported.
-    Bytes(Dtype, &'a [u8]),
-}
-
-struct RawTensor<'a> {
-    name: String,
-    shape: Vec<usize>,
-    data: Data<'a>,
-}
-
-impl RawTensor<'_> {
-    fn into_f32(self) -> Vec<f32> {
-        // Byte-wise: the map gives no alignment guarantee for 2- and 4-byte values.
-        fn convert<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
-            bytes
-                .chunks_exact(N)
-                .map(|c| f(c.try_into().expect("chunk of N bytes")))
-                .collect()
-        }
-        match self.data {
-            Data::F32(v) => v,
-            Data::Bytes(Dtype::F32, b) => convert(b, f32::from_le_bytes),
-            Data::Bytes(Dtype::F16, b) => convert(b, |c| half::f16::from_le_bytes(c).to_f32()),
-            Data::Bytes(Dtype::BF16, b) => convert(b, |c| half::bf16::from_le_bytes(c).to_f32()),
-            Data::Bytes(dtype, _) => unreachable!("dtype {dtype} rejected when read"),
-        }
+/// Little-endian values of a supported dtype, converted byte-wise (a file gives no
+/// alignment guarantee for 2- and 4-byte values).
+fn bytes_to_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    fn convert<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
+        bytes
+            .chunks_exact(N)
+            .map(|c| f(c.try_into().expect("chunk of N bytes")))
+            .collect()
+    }
+    match dtype {
+        Dtype::F32 => convert(bytes, f32::from_le_bytes),
+        Dtype::F16 => convert(bytes, |c| half::f16::from_le_bytes(c).to_f32()),
+        Dtype::BF16 => convert(bytes, |c| half::bf16::from_le_bytes(c).to_f32()),
+        dtype => unreachable!("dtype {dtype} rejected by check_dtype"),
     }
 }
 
-struct Built {
-    weights: Vec<Option<LoraWeights>>,
+/// What the metadata pass sees of a tensor.
+struct TensorMeta<'a> {
+    name: &'a str,
+    shape: &'a [usize],
+    /// The number of values, for tensors handed in from memory (checked against the shape).
+    values: Option<usize>,
+}
+
+/// One adapted (layer, module) as validated: its rank and scale, and the indices of its A
+/// and B tensors in the caller's tensor list.
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    rank: usize,
+    scale: f32,
+    a: usize,
+    b: usize,
+}
+
+/// The result of the metadata pass.
+struct Plan {
+    /// Indexed `layer * num_modules + module`.
+    slots: Vec<Option<Planned>>,
     max_rank: usize,
 }
 
-/// Validates the tensors against the spec and config, then converts them.
-fn build(
+/// The metadata pass: validates the tensors' names and shapes against the spec and config,
+/// and the scales. Reads no values.
+fn plan(
     spec: &ModelSpec,
     config: &AdapterConfig,
     origin: &str,
-    mut raws: Vec<RawTensor>,
-) -> Result<Built> {
+    tensors: &[TensorMeta],
+) -> Result<Plan> {
     let format_err = |detail: String| Error::AdapterFormat {
         path: origin.to_string(),
         detail,
     };
     let num_modules = spec.modules.len();
     // Sorted so that the error reported for a bad adapter does not depend on map order.
-    raws.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| tensors[a].name.cmp(tensors[b].name));
 
-    let mut slots: Vec<[Option<RawTensor>; 2]> = (0..spec.num_layers * num_modules)
-        .map(|_| [None, None])
-        .collect();
-    for raw in raws {
-        let key = names::parse(&raw.name, spec)
+    let mut slots: Vec<[Option<usize>; 2]> = vec![[None, None]; spec.num_layers * num_modules];
+    for i in order {
+        let raw = &tensors[i];
+        let key = names::parse(raw.name, spec)
             .map_err(|why| format_err(format!("unexpected tensor `{}`: {why}", raw.name)))?;
-        if let Data::F32(v) = &raw.data {
+        if let Some(len) = raw.values {
             let n = raw.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-            if n != Some(v.len()) {
+            if n != Some(len) {
                 return Err(format_err(format!(
-                    "tensor `{}` has {} values but its shape is {:?}",
-                    raw.name,
-                    v.len(),
-                    raw.shape
+                    "tensor `{}` has {len} values but its shape is {:?}",
+                    raw.name, raw.shape
                 )));
             }
         }
@@ -524,13 +870,13 @@ fn build(
         if let Some(prev) = slot {
             return Err(format_err(format!(
                 "tensors `{}` and `{}` are both {} of `{}` (two adapters in one state dict?)",
-                prev.name,
+                tensors[*prev].name,
                 raw.name,
                 key.side.segment(),
                 spec.module_key(key.layer, key.module)
             )));
         }
-        *slot = Some(raw);
+        *slot = Some(i);
     }
 
     let matcher = Matcher::new(config, origin)?;
@@ -551,20 +897,32 @@ fn build(
             [Some(t), None] | [None, Some(t)] => {
                 return Err(format_err(format!(
                     "missing tensor `{}`",
-                    names::partner(&t.name)
+                    names::partner(tensors[t].name)
                 )))
             }
             [Some(_), Some(b)] if !targeted => {
                 return Err(format_err(format!(
                     "tensor `{}` adapts `{key}`, which target_modules does not select \
                      (adapter_config.json and the weights disagree)",
-                    b.name
+                    tensors[b].name
                 )))
             }
             [Some(a), Some(b)] => {
                 let resolved = matcher.resolve(&key);
-                check_shape(&a, Side::A, [resolved.r, m.in_features], &key, &resolved)?;
-                check_shape(&b, Side::B, [m.out_features, resolved.r], &key, &resolved)?;
+                check_shape(
+                    &tensors[a],
+                    Side::A,
+                    [resolved.r, m.in_features],
+                    &key,
+                    &resolved,
+                )?;
+                check_shape(
+                    &tensors[b],
+                    Side::B,
+                    [m.out_features, resolved.r],
+                    &key,
+                    &resolved,
+                )?;
                 Some((resolved, a, b))
             }
         };
@@ -577,10 +935,10 @@ fn build(
     }
 
     let mut max_rank = 0;
-    let mut weights = Vec::with_capacity(validated.len());
+    let mut planned = Vec::with_capacity(validated.len());
     for pair in validated {
         let Some((res, a, b)) = pair else {
-            weights.push(None);
+            planned.push(None);
             continue;
         };
         max_rank = max_rank.max(res.r);
@@ -604,29 +962,79 @@ fn build(
                 ),
             });
         }
-        let (a_name, b_name) = (a.name.clone(), b.name.clone());
-        let (a, b) = (a.into_f32(), b.into_f32());
-        for (name, values) in [(&a_name, &a), (&b_name, &b)] {
-            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                return Err(format_err(format!(
-                    "tensor `{name}` holds a non-finite value ({}) at flat index {i}",
-                    values[i]
-                )));
-            }
-        }
-        weights.push(Some(LoraWeights {
+        planned.push(Some(Planned {
             rank: res.r,
             scale: scale as f32,
             a,
             b,
         }));
     }
-    Ok(Built { weights, max_rank })
+    Ok(Plan {
+        slots: planned,
+        max_rank,
+    })
+}
+
+/// The per-(layer, module) ranks and scales an [`Adapter`] keeps.
+fn compact(plan: &Plan) -> Result<Box<[Slot]>> {
+    plan.slots
+        .iter()
+        .map(|p| match p {
+            None => Ok(Slot {
+                rank: 0,
+                scale: 0.0,
+            }),
+            Some(p) => Ok(Slot {
+                rank: u32::try_from(p.rank).map_err(|_| Error::Config {
+                    field: "r".into(),
+                    detail: format!("rank {} is too large", p.rank),
+                })?,
+                scale: p.scale,
+            }),
+        })
+        .collect()
+}
+
+/// The value pass: converts the planned tensors to f32 (`values(i)` gives tensor `i`'s
+/// values) and checks that every value is finite.
+fn convert(
+    plan: &Plan,
+    num_modules: usize,
+    origin: &str,
+    tensors: &[TensorMeta],
+    mut values: impl FnMut(usize) -> Vec<f32>,
+) -> Result<HostWeights> {
+    let mut slots = Vec::with_capacity(plan.slots.len());
+    for p in &plan.slots {
+        let Some(p) = p else {
+            slots.push(None);
+            continue;
+        };
+        let (a, b) = (values(p.a), values(p.b));
+        for (i, v) in [(p.a, &a), (p.b, &b)] {
+            if let Some(at) = v.iter().position(|x| !x.is_finite()) {
+                return Err(Error::AdapterFormat {
+                    path: origin.to_string(),
+                    detail: format!(
+                        "tensor `{}` holds a non-finite value ({}) at flat index {at}",
+                        tensors[i].name, v[at]
+                    ),
+                });
+            }
+        }
+        slots.push(Some(LoraWeights {
+            rank: p.rank,
+            scale: p.scale,
+            a,
+            b,
+        }));
+    }
+    Ok(HostWeights::new(num_modules, slots))
 }
 
 /// A is `[r, in_features]`, B is `[out_features, r]`, with `r` from the config.
 fn check_shape(
-    t: &RawTensor,
+    t: &TensorMeta,
     side: Side,
     expected: [usize; 2],
     key: &str,
@@ -656,9 +1064,9 @@ fn check_shape(
         " (the adapter was probably trained for a different base model)".to_string()
     };
     Err(Error::AdapterShape {
-        tensor: t.name.clone(),
+        tensor: t.name.to_string(),
         expected: expected.to_vec(),
-        actual: t.shape.clone(),
+        actual: t.shape.to_vec(),
         hint,
     })
 }

@@ -200,9 +200,15 @@ fn dtypes_round_trip_through_files() {
         assert_eq!(a.max_rank, 4);
         assert_eq!(a.targeted_modules(), vec![0, 1]);
         assert_eq!(a.config.raw_json, QV);
+        assert_eq!(a.module_ranks, vec![4, 4, 0]);
+        assert_eq!(a.max_abs_scale, 4.0);
+        assert!(a.path().unwrap().ends_with("adapter_model.safetensors"));
+        assert!(a.weights_in_memory().is_none());
+        let hw = a.read_weights().unwrap();
         for layer in 0..2 {
             for m in 0..2 {
-                let w = a.weights(layer, m).unwrap();
+                assert_eq!((a.module_rank(layer, m), a.scale(layer, m)), (4, Some(4.0)));
+                let w = hw.get(layer, m).unwrap();
                 assert_eq!((w.rank, w.scale), (4, 4.0));
                 let path = &spec.modules[m].path;
                 let find = |side| {
@@ -215,13 +221,16 @@ fn dtypes_round_trip_through_files() {
                 assert_eq!(&w.a, find("A"), "{dtype} layer {layer} module {m}");
                 assert_eq!(&w.b, find("B"), "{dtype} layer {layer} module {m}");
             }
-            assert!(a.weights(layer, 2).is_none());
-            assert_eq!(a.module_rank(layer, 2), 0);
+            assert!(hw.get(layer, 2).is_none());
+            assert_eq!((a.module_rank(layer, 2), a.scale(layer, 2)), (0, None));
         }
-        assert!(a.weights(2, 0).is_none() && a.weights(0, 3).is_none());
-        assert!(a.weights(usize::MAX, 0).is_none());
+        assert!(hw.get(2, 0).is_none() && hw.get(0, 3).is_none());
+        assert!(hw.get(usize::MAX, 0).is_none() && hw.get(usize::MAX, 2).is_none());
+        assert!(a.scale(2, 0).is_none() && a.scale(usize::MAX, 1).is_none());
         assert_eq!((a.num_layers(), a.num_modules()), (2, 3));
+        assert_eq!((hw.num_layers(), hw.num_modules()), (2, 3));
         assert_eq!(a.host_bytes(), 2 * (4 * 8 + 8 * 4 + 4 * 8 + 4 * 4) * 4);
+        assert_eq!(hw.bytes(), a.host_bytes());
     }
 }
 
@@ -245,7 +254,10 @@ fn mixed_dtypes_in_one_file() {
     let a = AdapterRegistry::new(spec)
         .load_dir("x", dir.path(), None)
         .unwrap();
-    assert_eq!(a.weights(1, 1).unwrap().b, tensors[7].data);
+    assert_eq!(
+        a.read_weights().unwrap().get(1, 1).unwrap().b,
+        tensors[7].data
+    );
 }
 
 #[test]
@@ -269,9 +281,19 @@ fn memory_and_file_agree_and_adapter_name_segment_is_accepted() {
         .collect();
     let cfg = AdapterConfig::from_json_str(QV, MEMORY_ORIGIN).unwrap();
     let from_mem = reg.load_tensors("mem", cfg, inputs(renamed), None).unwrap();
+    assert!(from_mem.path().is_none());
+    let kept = from_mem.weights_in_memory().unwrap();
+    assert!(Arc::ptr_eq(&kept, &from_mem.read_weights().unwrap()));
+    assert_eq!(kept.bytes(), from_mem.host_bytes());
+    assert_eq!(from_file.module_ranks, from_mem.module_ranks);
+    assert_eq!(from_file.max_abs_scale, from_mem.max_abs_scale);
+    let (fw, gw) = (
+        from_file.read_weights().unwrap(),
+        from_mem.read_weights().unwrap(),
+    );
     for layer in 0..2 {
         for m in 0..3 {
-            let (f, g) = (from_file.weights(layer, m), from_mem.weights(layer, m));
+            let (f, g) = (fw.get(layer, m), gw.get(layer, m));
             assert_eq!(
                 f.map(|w| (&w.a, &w.b, w.rank)),
                 g.map(|w| (&w.a, &w.b, w.rank))
@@ -325,7 +347,7 @@ fn regex_targets_full_match_the_module_key() {
         only,
     )
     .unwrap();
-    assert!(a.weights(0, 0).is_none() && a.weights(1, 0).is_some());
+    assert!(a.scale(0, 0).is_none() && a.scale(1, 0).is_some());
 
     // A regex must match the whole key, so `q_proj` alone selects nothing.
     let d = format_detail(load_mem(
@@ -378,7 +400,7 @@ fn exclude_modules_and_layers_to_transform() {
             layer1.clone(),
         )
         .unwrap();
-        assert!(a.weights(0, 0).is_none() && a.weights(1, 0).is_some());
+        assert!(a.scale(0, 0).is_none() && a.scale(1, 0).is_some());
     }
     // ...and must have none.
     let d = format_detail(load_mem(
@@ -405,8 +427,13 @@ fn rank_and_alpha_patterns_set_rank_and_scale() {
         _ => 4,
     };
     let a = load_mem(cfg, lora_tensors(&spec, &[0, 1, 2], r)).unwrap();
+    let hw = a.read_weights().unwrap();
     let got = |layer, m| {
-        let w = a.weights(layer, m).unwrap();
+        let w = hw.get(layer, m).unwrap();
+        assert_eq!(
+            (a.module_rank(layer, m), a.scale(layer, m)),
+            (w.rank, Some(w.scale))
+        );
         (w.rank, w.scale)
     };
     assert_eq!(got(0, 0), (4, 2.0));
@@ -415,6 +442,8 @@ fn rank_and_alpha_patterns_set_rank_and_scale() {
     assert_eq!(got(1, 1), (2, 0.75));
     assert_eq!(got(0, 2), (4, 0.75));
     assert_eq!(a.max_rank, 6);
+    assert_eq!(a.module_ranks, vec![6, 2, 4]);
+    assert_eq!(a.max_abs_scale, 4.0);
 }
 
 #[test]
@@ -447,7 +476,8 @@ fn rslora_scales_by_sqrt_rank() {
         lora_tensors(&spec, &[0], |_, _| 16),
     )
     .unwrap();
-    assert_eq!(a.weights(0, 0).unwrap().scale, 8.0);
+    assert_eq!(a.scale(0, 0), Some(8.0));
+    assert_eq!(a.read_weights().unwrap().get(0, 0).unwrap().scale, 8.0);
 }
 
 #[test]
@@ -1076,9 +1106,12 @@ proptest! {
         let mem = reg.load_tensors("mem", cfg, inputs(tensors), None).unwrap();
         let max = (0..layers).flat_map(|l| (0..dims.len()).map(move |m| (l, m))).map(|(l, m)| rank(l, m)).max();
         prop_assert_eq!(Some(file.max_rank), max);
+        let (fw, gw) = (file.read_weights().unwrap(), mem.read_weights().unwrap());
+        prop_assert_eq!(fw.bytes(), file.host_bytes());
+        prop_assert_eq!(gw.bytes(), mem.host_bytes());
         for l in 0..layers {
             for (m, &(i_f, o_f)) in dims.iter().enumerate() {
-                let (f, g) = (file.weights(l, m).unwrap(), mem.weights(l, m).unwrap());
+                let (f, g) = (fw.get(l, m).unwrap(), gw.get(l, m).unwrap());
                 prop_assert_eq!(f.rank, rank(l, m));
                 prop_assert_eq!(f.scale, (6.0 / rank(l, m) as f64) as f32);
                 prop_assert_eq!(f.a.len(), rank(l, m) * i_f);
@@ -1210,4 +1243,258 @@ fn truncated_weights_file_is_a_format_error() {
             "keep {keep}: {r:?}"
         );
     }
+}
+
+// ---------------------------------------------------------------- lazy registration
+
+/// The detail of an AdapterFormat error that names the weights file.
+fn file_detail(r: Result<impl fmt::Debug>) -> String {
+    match r.unwrap_err() {
+        Error::AdapterFormat { path, detail } => {
+            assert!(path.ends_with("adapter_model.safetensors"), "{path}");
+            detail
+        }
+        e => panic!("expected AdapterFormat, got {e:?}"),
+    }
+}
+
+#[test]
+fn registration_reads_no_weight_values() {
+    for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+        let dir = TempDir::new();
+        let mut tensors = lora_tensors(&spec(), &[0, 1], |_, _| 4);
+        let victim = tensors[5].name.clone();
+        for v in tensors[5].data.iter_mut() {
+            *v = f32::NAN;
+        }
+        write_dir(dir.path(), QV, &tensors, dtype);
+        let a = load(dir.path()).unwrap();
+        assert_eq!((a.max_rank, a.host_bytes()), (4, 2 * (64 + 48) * 4));
+        for _ in 0..2 {
+            let d = file_detail(a.read_weights());
+            assert!(
+                d.contains(&format!(
+                    "tensor `{victim}` holds a non-finite value (NaN) at flat index 0"
+                )),
+                "{dtype}: {d}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_file_that_does_not_match_its_header_is_refused_at_registration() {
+    let dir = valid_dir();
+    let file = dir.path().join("adapter_model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    for (bad, needle) in [
+        (bytes[..bytes.len() - 1].to_vec(), "declares"),
+        ([&bytes[..], &[0u8][..]].concat(), "declares"),
+        (bytes[..20].to_vec(), "does not fit"),
+    ] {
+        std::fs::write(&file, bad).unwrap();
+        let d = file_detail(load(dir.path()));
+        assert!(
+            d.contains("not a valid safetensors file") && d.contains(needle),
+            "{d}"
+        );
+    }
+}
+
+#[test]
+fn a_file_changed_after_registration_is_refused_at_read() {
+    let spec = spec();
+    let dir = valid_dir();
+    let file = dir.path().join("adapter_model.safetensors");
+    let registered = std::fs::read(&file).unwrap();
+    let mut reg = AdapterRegistry::new(spec.clone());
+    let a = reg.load_dir("a", dir.path(), None).unwrap();
+    let first = a.read_weights().unwrap();
+    // Unchanged: reads again, same values.
+    let again = a.read_weights().unwrap();
+    assert_eq!(first.get(1, 1).unwrap().a, again.get(1, 1).unwrap().a);
+
+    let changed = |a: &Adapter| {
+        let d = file_detail(a.read_weights());
+        assert!(
+            d.contains(&format!(
+                "changed on disk since adapter `{}` was registered",
+                a.name
+            )) && d.contains("load it again"),
+            "{d}"
+        );
+        d
+    };
+    let set_mtime = |secs: u64| {
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+            .unwrap();
+    };
+
+    // Another adapter of another rank in its place (a longer file).
+    let other = lora_tensors(&spec, &[0, 1], |_, _| 8);
+    write_safetensors(&file, &other, |_| Dtype::F32);
+    assert!(changed(&a).contains("bytes"));
+
+    // The registered file again, with a known modification time: a fresh registration
+    // reads it; the first one sees another modification time.
+    std::fs::write(&file, &registered).unwrap();
+    set_mtime(1_000_000);
+    let a2 = reg.load_dir("a2", dir.path(), None).unwrap();
+    assert_eq!(a2.read_weights().unwrap().bytes(), first.bytes());
+    assert!(changed(&a).contains("modification time"));
+
+    // Same length and modification time, one tensor renamed in the header.
+    let mut renamed = registered.clone();
+    let header_len = u64::from_le_bytes(renamed[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(renamed[8..8 + header_len].to_vec()).unwrap();
+    let swapped = header.replacen("lora_A", "lora_X", 1);
+    renamed[8..8 + header_len].copy_from_slice(swapped.as_bytes());
+    std::fs::write(&file, &renamed).unwrap();
+    set_mtime(1_000_000);
+    assert!(changed(&a2).contains("its header differs"));
+
+    // Same header, other values, another modification time.
+    let mut revalued = registered.clone();
+    let n = revalued.len();
+    revalued[n - 4..].copy_from_slice(&1.5f32.to_le_bytes());
+    std::fs::write(&file, &revalued).unwrap();
+    set_mtime(2_000_000);
+    assert!(changed(&a2).contains("modification time"));
+
+    // Gone.
+    std::fs::remove_file(&file).unwrap();
+    assert!(matches!(a2.read_weights().unwrap_err(), Error::Io { path, .. } if path == file));
+    // The adapters' metadata is untouched.
+    assert_eq!((a.max_rank, a2.module_ranks.clone()), (4, vec![4, 4, 0]));
+}
+
+#[test]
+fn weights_are_read_from_any_thread() {
+    let dir = valid_dir();
+    let a = load(dir.path()).unwrap();
+    let expect = a.read_weights().unwrap();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let a = Arc::clone(&a);
+            std::thread::spawn(move || a.read_weights().unwrap())
+        })
+        .collect();
+    for h in handles {
+        let w = h.join().unwrap();
+        assert_eq!(w.get(1, 0).unwrap().b, expect.get(1, 0).unwrap().b);
+        assert_eq!(w.bytes(), a.host_bytes());
+    }
+}
+
+/// The fields PEFT's `save_pretrained` writes for a LoRA adapter.
+fn peft_config() -> serde_json::Value {
+    json!({
+        "alpha_pattern": {}, "auto_mapping": null,
+        "base_model_name_or_path": "ibm-granite/granite-3.3-8b-instruct",
+        "bias": "none", "corda_config": null, "eva_config": null,
+        "exclude_modules": null, "fan_in_fan_out": false, "inference_mode": true,
+        "init_lora_weights": true, "layer_replication": null, "layers_pattern": null,
+        "layers_to_transform": null, "loftq_config": {}, "lora_alpha": 32,
+        "lora_bias": false, "lora_dropout": 0.05, "megatron_config": null,
+        "megatron_core": "megatron.core", "modules_to_save": null, "peft_type": "LORA",
+        "r": 16, "rank_pattern": {}, "revision": null,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "task_type": "CAUSAL_LM", "trainable_token_indices": null, "use_dora": false,
+        "use_rslora": false
+    })
+}
+
+#[test]
+fn a_registration_holds_a_few_kilobytes() {
+    // 30 layers x 7 modules, the shape of a 7B-class model's adaptable modules (small
+    // features: the weights' size does not change the metadata).
+    let paths = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ];
+    let modules = paths
+        .iter()
+        .map(|p| module(p.split('.').nth(1).unwrap(), p, 4, 4))
+        .collect();
+    let spec = ModelSpec::new(30, modules).unwrap();
+    let dir = TempDir::new();
+    // Indented, as PEFT writes it: about 0.9 KB.
+    let text = serde_json::to_string_pretty(&peft_config()).unwrap();
+    assert!(text.len() > 800, "{}", text.len());
+    write_dir(
+        dir.path(),
+        &text,
+        &lora_tensors(&spec, &(0..7).collect::<Vec<_>>(), |_, _| 16),
+        Dtype::BF16,
+    );
+    let mut reg = AdapterRegistry::new(spec);
+    let a = reg
+        .load_dir("granite-adapter-with-a-longish-name", dir.path(), None)
+        .unwrap();
+    let bytes = a.metadata_bytes();
+    eprintln!("{bytes} metadata bytes for 30 layers x 7 modules");
+    assert!(bytes < 5_000, "{bytes} bytes per registered adapter");
+    // At least the config text and the 210 (rank, scale) pairs.
+    assert!(bytes > text.len() + 210 * 8, "{bytes}");
+    assert_eq!(a.module_ranks, vec![16; 7]);
+    assert_eq!(a.host_bytes(), 30 * 7 * 16 * 8 * 4);
+}
+
+#[test]
+fn ten_thousand_adapters_register_quickly() {
+    const N: usize = 10_000;
+    let spec = ModelSpec::new(
+        2,
+        vec![
+            module("q_proj", "self_attn.q_proj", 8, 8),
+            module("v_proj", "self_attn.v_proj", 8, 4),
+        ],
+    )
+    .unwrap();
+    let root = TempDir::new();
+    let mut cfg = peft_config();
+    cfg["r"] = json!(4);
+    cfg["target_modules"] = json!(["q_proj", "v_proj"]);
+    let text = serde_json::to_string_pretty(&cfg).unwrap();
+    let tensors = lora_tensors(&spec, &[0, 1], |_, _| 4);
+    // One file's bytes, written N times (serializing is not what is timed).
+    let proto = root.path().join("proto");
+    std::fs::create_dir(&proto).unwrap();
+    write_dir(&proto, &text, &tensors, Dtype::BF16);
+    let weights = std::fs::read(proto.join("adapter_model.safetensors")).unwrap();
+    let dirs: Vec<PathBuf> = (0..N)
+        .map(|i| {
+            let d = root.path().join(format!("a{i:05}"));
+            std::fs::create_dir(&d).unwrap();
+            std::fs::write(d.join("adapter_config.json"), &text).unwrap();
+            std::fs::write(d.join("adapter_model.safetensors"), &weights).unwrap();
+            d
+        })
+        .collect();
+
+    let mut reg = AdapterRegistry::new(spec);
+    let start = std::time::Instant::now();
+    for (i, d) in dirs.iter().enumerate() {
+        reg.load_dir(&format!("tenant-{i:05}"), d, None).unwrap();
+    }
+    let took = start.elapsed();
+    assert_eq!(reg.len(), N);
+    let meta: usize = reg.iter().map(|a| a.metadata_bytes()).sum();
+    assert!(meta / N < 2_000, "{} bytes per adapter", meta / N);
+    // The timing target is for optimized builds; a debug build only reports it.
+    eprintln!(
+        "registered {N} adapters in {took:?}, {} metadata bytes each",
+        meta / N
+    );
+    if !cfg!(debug_assertions) {
+        assert!(took.as_secs_f64() < 10.0, "{took:?}");
+    }
+    let last = reg.get("tenant-09999").unwrap();
+    assert_eq!(last.read_weights().unwrap().get(1, 1).unwrap().a.len(), 32);
 }
