@@ -4,19 +4,32 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use rustc_hash::{FxHashMap, FxHashSet};
+
 use crate::adapters::{
-    Adapter, AdapterConfig, AdapterKind, AdapterRegistry, ModelSpec, TensorInput,
+    Adapter, AdapterConfig, AdapterId, AdapterKind, AdapterRegistry, HostWeights, ModelSpec,
+    TensorInput,
 };
 use crate::error::{Error, Result};
+use crate::host::HostCache;
 use crate::invocation::activation_start;
 use crate::pages::UnitGeometry;
 use crate::plan::StepPlan;
 use crate::request::{ActiveAdapter, Counters, Request, RequestId, RequestOutput, Status};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 
+/// Host memory for adapter weights read from disk, unless the caller sets another budget.
+pub const DEFAULT_HOST_CACHE_BYTES: usize = 1 << 30;
+
 #[derive(Debug)]
 pub struct Engine {
     registry: AdapterRegistry,
+    /// Registered adapters by id (the registry is by name).
+    by_id: FxHashMap<AdapterId, Arc<Adapter>>,
+    /// The host tier: weights read from disk, LRU under a byte budget.
+    host: HostCache,
+    host_loads: u64,
+    host_evictions: u64,
     scheduler: Scheduler,
     next_request: RequestId,
     /// Token ids must lie in `[0, vocab_size)` (prompts, stop ids, invocation tokens).
@@ -31,18 +44,6 @@ pub struct RequestParams {
     pub stop_token_ids: Vec<u32>,
 }
 
-/// Per module, the largest rank over layers (0: never adapted).
-fn module_ranks(a: &Adapter) -> Vec<usize> {
-    (0..a.num_modules())
-        .map(|m| {
-            (0..a.num_layers())
-                .map(|l| a.module_rank(l, m))
-                .max()
-                .unwrap_or(0)
-        })
-        .collect()
-}
-
 impl Engine {
     /// `kv_dim` = kv_heads × head_dim: with `block_size` it sets the unit geometry that
     /// adapter rows are packed into.
@@ -55,10 +56,21 @@ impl Engine {
         let geo = UnitGeometry::new(cfg.block_size, kv_dim, &modules, cfg.num_blocks)?;
         Ok(Self {
             registry: AdapterRegistry::new(spec),
+            by_id: FxHashMap::default(),
+            host: HostCache::new(DEFAULT_HOST_CACHE_BYTES),
+            host_loads: 0,
+            host_evictions: 0,
             scheduler: Scheduler::new(cfg, geo)?,
             next_request: 0,
             vocab_size: None,
         })
+    }
+
+    /// Keep at most `bytes` of adapter weights read from disk in host memory (least recently
+    /// used evicted first; weights that queued requests wait for are kept regardless).
+    pub fn with_host_cache_bytes(mut self, bytes: usize) -> Self {
+        self.host = HostCache::new(bytes);
+        self
     }
 
     /// Check every token id against the model's vocabulary from now on.
@@ -134,7 +146,7 @@ impl Engine {
                 });
             }
         }
-        let units = self.scheduler.register_adapter(a.id, &module_ranks(a));
+        let units = self.scheduler.register_adapter(a.id, &a.module_ranks);
         let pool = self.scheduler.pool();
         let limit = pool.num_blocks().min(pool.adapter_cap());
         if units > limit {
@@ -147,6 +159,7 @@ impl Engine {
                 a.max_rank
             )));
         }
+        self.by_id.insert(a.id, Arc::clone(a));
         Ok(a.clone())
     }
 
@@ -165,6 +178,8 @@ impl Engine {
         }
         self.scheduler.unregister_adapter(id)?;
         self.registry.unload(name)?;
+        self.by_id.remove(&id);
+        self.host.remove(id);
         Ok(())
     }
 
@@ -255,9 +270,87 @@ impl Engine {
         Ok(id)
     }
 
-    /// The next step, or `None` when nothing can run now (see [`Scheduler::schedule`]).
+    /// Whether an adapter's weights are in host memory (read, or loaded from memory).
+    fn host_ready(&self, id: AdapterId) -> bool {
+        self.host.contains(id)
+            || self
+                .by_id
+                .get(&id)
+                .is_some_and(|a| a.weights_in_memory().is_some())
+    }
+
+    /// The next step, or `None` when nothing can run now: no requests, or every runnable
+    /// one waits for an adapter read (then [`pending_fetches`](Self::pending_fetches) says
+    /// which).
     pub fn schedule(&mut self) -> Result<Option<StepPlan>> {
-        self.scheduler.schedule(&|_| true)
+        let (host, by_id) = (&self.host, &self.by_id);
+        let ready = |id: AdapterId| {
+            host.contains(id)
+                || by_id
+                    .get(&id)
+                    .is_some_and(|a| a.weights_in_memory().is_some())
+        };
+        self.scheduler.schedule(&ready)
+    }
+
+    /// The host weights of each page-in of `plan`, in order. They were in host memory when
+    /// the plan was made and nothing evicts them before the next `schedule`/`install_weights`.
+    pub fn page_in_weights(&mut self, plan: &StepPlan) -> Result<Vec<Arc<HostWeights>>> {
+        plan.adapter_loads
+            .iter()
+            .map(|l| {
+                let a = self
+                    .by_id
+                    .get(&l.id)
+                    .ok_or_else(|| Error::UnknownAdapter(format!("{}", l.id)))?;
+                match a.weights_in_memory() {
+                    Some(w) => Ok(w),
+                    None => self.host.get(l.id).ok_or_else(|| {
+                        Error::Step(format!(
+                            "weights of adapter `{}` left host memory before their page-in",
+                            a.name
+                        ))
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    /// How many queued requests ahead adapter reads are started for.
+    fn fetch_window(&self) -> usize {
+        2 * self.scheduler.config().max_num_seqs + 8
+    }
+
+    /// Adapters that queued requests need read from disk, in queue order (the disk tier's
+    /// work list; see `install_weights`).
+    pub fn pending_fetches(&self) -> Vec<AdapterId> {
+        self.scheduler
+            .wanted_adapters(self.fetch_window())
+            .into_iter()
+            .filter(|&id| !self.host_ready(id))
+            .collect()
+    }
+
+    /// Put weights read by `Adapter::read_weights` into the host tier. `UnknownAdapter` if
+    /// the adapter was unloaded meanwhile.
+    pub fn install_weights(&mut self, id: AdapterId, weights: Arc<HostWeights>) -> Result<()> {
+        if !self.by_id.contains_key(&id) {
+            return Err(Error::UnknownAdapter(format!("{id}")));
+        }
+        let wanted: FxHashSet<AdapterId> = self
+            .scheduler
+            .wanted_adapters(self.fetch_window())
+            .into_iter()
+            .collect();
+        let evicted = self.host.insert(id, weights, |a| wanted.contains(&a));
+        self.host_loads += 1;
+        self.host_evictions += evicted.len() as u64;
+        Ok(())
+    }
+
+    /// Registered adapter by id.
+    pub fn adapter_by_id(&self, id: AdapterId) -> Option<&Arc<Adapter>> {
+        self.by_id.get(&id)
     }
 
     pub fn commit(&mut self, step_id: u64, sampled: &[i64]) -> Result<Vec<RequestOutput>> {
@@ -329,6 +422,10 @@ impl Engine {
                     .filter(|&a| ad.pin_count(a) > 0)
                     .count() as u64,
             ),
+            ("host_adapters", self.host.len() as u64),
+            ("host_bytes", self.host.bytes() as u64),
+            ("host_loads", self.host_loads),
+            ("host_evictions", self.host_evictions),
             ("prefix_query_tokens", st.prefix_query_tokens),
             ("prefix_hit_tokens", st.prefix_hit_tokens),
             ("preemptions", st.preemptions),

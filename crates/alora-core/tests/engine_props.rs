@@ -869,3 +869,85 @@ proptest! {
         prop_assert_eq!(admitted, ids);
     }
 }
+
+/// A PEFT directory for `q_proj` at rank 2 on the simulated model, written to a fresh
+/// temporary directory.
+fn disk_adapter(tag: &str) -> std::path::PathBuf {
+    use safetensors::tensor::{Dtype, TensorView};
+    let dir = std::env::temp_dir().join(format!("alora-props-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        r#"{"r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]}"#,
+    )
+    .unwrap();
+    let bytes: Vec<u8> = [0.25f32; 8].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let name = |s: &str| format!("base_model.model.model.layers.0.self_attn.q_proj.{s}.weight");
+    let views = vec![
+        (
+            name("lora_A"),
+            TensorView::new(Dtype::F32, vec![2, 4], &bytes).unwrap(),
+        ),
+        (
+            name("lora_B"),
+            TensorView::new(Dtype::F32, vec![4, 2], &bytes).unwrap(),
+        ),
+    ];
+    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
+    dir
+}
+
+/// The disk tier: a request for an adapter whose weights are not in host memory is passed
+/// over (others run meanwhile) and runs once they are installed; the engine says which
+/// adapters to read.
+#[test]
+fn disk_adapter_waits_only_for_its_own_read() {
+    let dir = disk_adapter("wait");
+    let mut e = engine(32, 64, 4, 32, true);
+    let id = e.load_adapter_dir("disk", &dir, None).unwrap().id;
+    let mut sim = Sim::new(32);
+    let on_disk = add(
+        &mut e,
+        &mut sim,
+        &Req {
+            prompt: vec![0, 1, 2],
+            adapter: Some("disk"),
+            max_new: 2,
+        },
+    );
+    assert_eq!(e.pending_fetches(), vec![id]);
+    let base = add(
+        &mut e,
+        &mut sim,
+        &Req {
+            prompt: vec![3, 2, 1],
+            adapter: None,
+            max_new: 2,
+        },
+    );
+    // The base request runs to completion while the adapter is not read.
+    while step(&mut e, &mut sim).unwrap() {}
+    assert!(sim.outputs.contains_key(&base) && !sim.outputs.contains_key(&on_disk));
+    assert!(e.has_unfinished() && e.schedule().unwrap().is_none());
+    let weights = e.registry().get("disk").unwrap().read_weights().unwrap();
+    e.install_weights(id, weights).unwrap();
+    assert!(e.pending_fetches().is_empty());
+    while step(&mut e, &mut sim).unwrap() {}
+    assert!(sim.outputs.contains_key(&on_disk) && !e.has_unfinished());
+    let stats: HashMap<_, _> = e.stats().into_iter().collect();
+    assert_eq!(stats["host_loads"], 1);
+    assert_eq!(stats["host_adapters"], 1);
+    // Unloading drops the host copy too.
+    e.unload_adapter("disk").unwrap();
+    let stats: HashMap<_, _> = e.stats().into_iter().collect();
+    assert_eq!((stats["host_adapters"], stats["host_bytes"]), (0, 0));
+    assert!(matches!(
+        e.install_weights(id, e_weights_dummy()),
+        Err(alora_core::Error::UnknownAdapter(_))
+    ));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn e_weights_dummy() -> std::sync::Arc<alora_core::adapters::HostWeights> {
+    std::sync::Arc::new(alora_core::adapters::HostWeights::new(2, vec![None, None]))
+}

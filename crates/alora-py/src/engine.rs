@@ -12,7 +12,7 @@ use numpy::{PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyString};
 
-use crate::adapter::PyAdapterInfo;
+use crate::adapter::{PyAdapterInfo, PyAdapterWeights};
 use crate::errors::{to_py, IntoPyResult};
 use crate::output::PyRequestOutput;
 use crate::plan::PyStepPlan;
@@ -124,7 +124,8 @@ impl PyEngine {
     #[new]
     #[pyo3(signature = (*, num_layers, modules, block_size, num_blocks, kv_dim, max_batch_tokens,
                         max_num_seqs, max_model_len, enable_prefix_cache = true, vocab_size = None,
-                        kv_block_cap = None, adapter_block_cap = None))]
+                        kv_block_cap = None, adapter_block_cap = None,
+                        host_cache_bytes = alora_core::engine::DEFAULT_HOST_CACHE_BYTES))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         num_layers: usize,
@@ -139,6 +140,7 @@ impl PyEngine {
         vocab_size: Option<usize>,
         kv_block_cap: Option<usize>,
         adapter_block_cap: Option<usize>,
+        host_cache_bytes: usize,
     ) -> PyResult<Self> {
         let names = Arc::new(modules.iter().map(|m| m.0.clone()).collect());
         let spec = ModelSpec::new(
@@ -164,7 +166,9 @@ impl PyEngine {
             kv_block_cap,
             adapter_block_cap,
         };
-        let mut inner = Engine::new(spec, cfg, kv_dim).py()?;
+        let mut inner = Engine::new(spec, cfg, kv_dim)
+            .py()?
+            .with_host_cache_bytes(host_cache_bytes);
         if let Some(v) = vocab_size {
             inner = inner.with_vocab_size(v).py()?;
         }
@@ -283,11 +287,52 @@ impl PyEngine {
             .py()
     }
 
+    /// The next step, or None when nothing can run now (no requests, or every runnable one
+    /// waits for an adapter read: see `pending_fetches`).
     fn schedule(&mut self, py: Python<'_>) -> PyResult<Option<PyStepPlan>> {
-        match self.inner.schedule().py()? {
-            Some(p) => Ok(Some(PyStepPlan::new(py, p)?)),
-            None => Ok(None),
+        let Some(p) = self.inner.schedule().py()? else {
+            return Ok(None);
+        };
+        let weights = match self.inner.page_in_weights(&p) {
+            Ok(w) => w,
+            Err(e) => {
+                self.inner.cancel_step(p.step_id).py()?;
+                return Err(to_py(e));
+            }
+        };
+        let weights = p
+            .adapter_loads
+            .iter()
+            .zip(weights)
+            .map(|(l, w)| PyAdapterWeights {
+                adapter_id: l.id,
+                weights: w,
+                modules: Arc::clone(&self.modules),
+            })
+            .collect();
+        Ok(Some(PyStepPlan::new(py, p, weights)?))
+    }
+
+    /// Adapter ids that queued requests need read from disk, in queue order.
+    fn pending_fetches(&self) -> Vec<u64> {
+        self.inner.pending_fetches()
+    }
+
+    /// Install weights read by `read_adapter_weights` into the host tier.
+    fn install_weights(
+        &mut self,
+        adapter_id: u64,
+        weights: PyRef<'_, PyAdapterWeights>,
+    ) -> PyResult<()> {
+        if weights.adapter_id != adapter_id {
+            return Err(invalid(format!(
+                "weights of adapter {} installed as adapter {adapter_id}",
+                weights.adapter_id
+            )));
         }
+        self.inner
+            .install_weights(adapter_id, Arc::clone(&weights.weights))
+            .py()
     }
 
     fn commit(&mut self, step_id: u64, sampled: Vec<i64>) -> PyResult<Vec<PyRequestOutput>> {

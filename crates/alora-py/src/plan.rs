@@ -5,8 +5,16 @@ use alora_core::plan::StepPlan;
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods};
 use pyo3::prelude::*;
 
-/// (adapter id, row_start per module, A rows, Bt rows).
-type PageIn = (u64, Py<PyArray1<i32>>, Py<PyArray1<i32>>, Py<PyArray1<i32>>);
+use crate::adapter::PyAdapterWeights;
+
+/// (adapter id, row_start per module, A rows, Bt rows, host weights).
+type PageIn = (
+    u64,
+    Py<PyArray1<i32>>,
+    Py<PyArray1<i32>>,
+    Py<PyArray1<i32>>,
+    Py<PyAdapterWeights>,
+);
 
 #[pyclass(module = "alora._core", name = "StepPlan", frozen)]
 pub struct PyStepPlan {
@@ -62,7 +70,8 @@ pub struct PyStepPlan {
 }
 
 impl PyStepPlan {
-    pub fn new(py: Python<'_>, p: StepPlan) -> PyResult<Self> {
+    /// `weights`: the host weights of each of the plan's page-ins, in order.
+    pub fn new(py: Python<'_>, p: StepPlan, weights: Vec<PyAdapterWeights>) -> PyResult<Self> {
         fn arr<T: numpy::Element>(py: Python<'_>, v: Vec<T>) -> Py<PyArray1<T>> {
             v.into_pyarray(py).unbind()
         }
@@ -99,16 +108,18 @@ impl PyStepPlan {
             adapter_loads: p
                 .adapter_loads
                 .into_iter()
-                .map(|l| {
+                .zip(weights)
+                .map(|(l, w)| {
                     let r = l.rows;
-                    (
+                    Ok((
                         l.id,
                         arr(py, r.row_start),
                         arr(py, r.a_rows),
                         arr(py, r.bt_rows),
-                    )
+                        Py::new(py, w)?,
+                    ))
                 })
-                .collect(),
+                .collect::<PyResult<_>>()?,
         })
     }
 }
