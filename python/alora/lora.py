@@ -169,7 +169,7 @@ def build_lora_batches(
     rstart = np.asarray(plan.adapter_row_start, dtype=np.int64)
     all_rows = np.asarray(plan.adapter_rows)
     sorted_tok = np.asarray(plan.sorted_token_idx, dtype=np.int64)
-    seg_scale = np.asarray([entries[int(a)].seg_scale for a in seg_adapter], dtype=np.float32)
+    seg_scale = np.asarray([entries[a].seg_scale for a in seg_adapter.tolist()], dtype=np.float32)
     seg_of_token = np.repeat(np.arange(num_segments), counts)
 
     # Per module: kept segments, then the int32 pieces of every module in one host buffer.
@@ -220,8 +220,8 @@ def build_lora_batches(
                 torch.from_numpy(starts).to(device),
                 torch.from_numpy(np.ascontiguousarray(scales)).to(device),
                 tok,
-                tuple(int(v) for v in starts),
-                tuple(float(s) for s in scales),
+                tuple(starts.tolist()),
+                tuple(scales.tolist()),
                 int(k_counts.max()),
             )
         token_idx, starts_t, scales_t, tok_host, starts_host, scales_host, longest = shared[key]
@@ -235,8 +235,8 @@ def build_lora_batches(
             rows=rows_t,
             seg_scale=scales_t,
             seg_start_host=starts_host,
-            seg_rank_host=tuple(int(v) for v in ranks_h),
-            seg_row_start_host=tuple(int(v) for v in rstarts_h),
+            seg_rank_host=tuple(ranks_h.tolist()),
+            seg_row_start_host=tuple(rstarts_h.tolist()),
             seg_scale_host=scales_host,
             max_rank=int(ranks_h.max()),
             max_seg_tokens=longest,
