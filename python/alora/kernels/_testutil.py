@@ -159,14 +159,20 @@ def _arena(
 def reference_v(x: torch.Tensor, a_pool: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
     """float64 V [T_active, max_rank]; NaN where j >= rank of the token's segment."""
     v = torch.full((batch.num_active, max(1, batch.max_rank)), float("nan"), dtype=torch.float64)
-    x64, a64 = x.double().cpu(), a_pool.double().cpu()
+    x64 = x.double().cpu()
     tok, rows = batch.token_idx.cpu(), batch.rows.cpu().long()
     for s in range(batch.num_segments):
         t0, t1 = batch.seg_start_host[s], batch.seg_start_host[s + 1]
         r0, r1 = batch.seg_row_start_host[s], batch.seg_row_start_host[s + 1]
         if t1 > t0 and r1 > r0:
-            v[t0:t1, : r1 - r0] = x64[tok[t0:t1]] @ a64[rows[r0:r1]].t()
+            v[t0:t1, : r1 - r0] = x64[tok[t0:t1]] @ _rows64(a_pool, rows[r0:r1]).t()
     return v
+
+
+def _rows64(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` of a pool in float64 on the CPU, gathered first: a strided pool view would
+    be materialised whole by `.double()`."""
+    return pool.index_select(0, idx.to(pool.device)).double().cpu()
 
 
 def reference_y(
@@ -174,14 +180,15 @@ def reference_y(
 ) -> torch.Tensor:
     """float64 y + the LoRA delta, computed on the CPU."""
     out = y.double().cpu().clone()
-    x64, a64, b64 = x.double().cpu(), a_pool.double().cpu(), bt_pool.double().cpu()
+    x64 = x.double().cpu()
     tok, rows = batch.token_idx.cpu(), batch.rows.cpu().long()
     for s in range(batch.num_segments):
         t0, t1 = batch.seg_start_host[s], batch.seg_start_host[s + 1]
         r0, r1 = batch.seg_row_start_host[s], batch.seg_row_start_host[s + 1]
         if t1 > t0 and r1 > r0:
             idx = rows[r0:r1]
-            delta = (x64[tok[t0:t1]] @ a64[idx].t()) @ b64[idx] * batch.seg_scale_host[s]
+            a64, b64 = _rows64(a_pool, idx), _rows64(bt_pool, idx)
+            delta = (x64[tok[t0:t1]] @ a64.t()) @ b64 * batch.seg_scale_host[s]
             out.index_add_(0, tok[t0:t1], delta)
     return out
 
