@@ -402,7 +402,7 @@ def test_build_lora_batches_per_module() -> None:
     module's own; modules with the same segments share the token tensors."""
     entries = {
         10: SimpleNamespace(seg_scale=2.0),
-        11: SimpleNamespace(seg_scale=0.5),
+        11: SimpleNamespace(seg_scale=0.1),  # host facts keep it exact (float64)
     }
     # 2 segments x 3 modules; adapter 10 targets m0, m2; adapter 11 targets m0, m1.
     plan = SimpleNamespace(
@@ -418,9 +418,9 @@ def test_build_lora_batches_per_module() -> None:
     assert m0 is not None and m1 is not None and m2 is not None
     assert m0.token_idx.tolist() == [4, 1, 2, 0] and m0.seg_start_host == (0, 1, 4)
     assert m0.seg_rank_host == (2, 3) and m0.rows.tolist() == [100, 105, 7, 9, 11]
-    assert m0.seg_row_start_host == (0, 2, 5) and m0.seg_scale_host == (2.0, 0.5)
+    assert m0.seg_row_start_host == (0, 2, 5) and m0.seg_scale_host == (2.0, 0.1)
     assert m1.token_idx.tolist() == [1, 2, 0] and m1.seg_start_host == (0, 3)
-    assert m1.rows.tolist() == [500] and m1.seg_rank_host == (1,) and m1.seg_scale_host == (0.5,)
+    assert m1.rows.tolist() == [500] and m1.seg_rank_host == (1,) and m1.seg_scale_host == (0.1,)
     assert m2.token_idx.tolist() == [4] and m2.rows.tolist() == [300]
     assert m2.max_rank == 1 and m2.max_seg_tokens == 1
     for batch in (m0, m1, m2):

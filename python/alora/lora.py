@@ -169,7 +169,8 @@ def build_lora_batches(
     rstart = np.asarray(plan.adapter_row_start, dtype=np.int64)
     all_rows = np.asarray(plan.adapter_rows)
     sorted_tok = np.asarray(plan.sorted_token_idx, dtype=np.int64)
-    seg_scale = np.asarray([entries[a].seg_scale for a in seg_adapter.tolist()], dtype=np.float32)
+    # float64 on the host (the per-segment form's exact alpha), float32 on the device.
+    seg_scale = np.asarray([entries[a].seg_scale for a in seg_adapter.tolist()], dtype=np.float64)
     seg_of_token = np.repeat(np.arange(num_segments), counts)
 
     # Per module: kept segments, then the int32 pieces of every module in one host buffer.
@@ -218,7 +219,7 @@ def build_lora_batches(
             shared[key] = (
                 torch.from_numpy(np.ascontiguousarray(tok)).to(device),
                 torch.from_numpy(starts).to(device),
-                torch.from_numpy(np.ascontiguousarray(scales)).to(device),
+                torch.from_numpy(scales.astype(np.float32)).to(device),
                 tok,
                 tuple(starts.tolist()),
                 tuple(scales.tolist()),

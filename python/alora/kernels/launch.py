@@ -458,7 +458,12 @@ class CudaBackend:
         batch: LoraBatch,
     ) -> None:
         """For each module m and active token t of segment a:
-        ys[m][t] += scale(a) * (x[t] @ a_pools[m][rows(a)]^T) @ bt_pools[m][rows(a)]."""
+        ys[m][t] += scale(a) * (x[t] @ a_pools[m][rows(a)]^T) @ bt_pools[m][rows(a)].
+
+        Pools are 2-D with unit column stride and any row stride (each pool's `stride(0)`
+        goes to the kernels as its own lda / ldb), so the runtime's overlapping views of the
+        KV cache run in place. The fused modules share the batch, hence the row ids: the
+        runtime's modules each have their own rows, so it calls `add_lora` per module."""
         if x.dtype not in DTYPE_SUFFIX:
             for y, a, b in zip(ys, a_pools, bt_pools, strict=True):
                 self._fallback.add_lora(y, x, a, b, batch)
