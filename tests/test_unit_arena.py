@@ -157,7 +157,7 @@ def random_adapter(rng: np.random.Generator, geo: ModelGeometry, aid: int) -> Fa
 def test_views_address_the_contract_elements() -> None:
     geo = make_geometry([(6, 10), (4, 4)], layers=3, kv_heads=2, head_dim=4)
     cache = make_cache(geo, num_blocks=5, block_size=4)
-    assert (cache.P, cache.S) == (4 * 2 * 4, 5 * 32)
+    assert (cache.P, cache.S, cache.unit_elems) == (4 * 2 * 4, 5 * 32, 32)
     g = granularity(cache, geo)
     assert g == 8
     a, bt = cache.row_views(6, 10, g)
