@@ -4,9 +4,13 @@
 //   expand: y[tok[i], o] += scale(a) * sum_j V[i, j] * Bt_pool[row(a, j), o]
 //
 // Segment a owns positions [seg_start[a], seg_start[a+1]) of token_idx; its rank rows are
-// rows[seg_row_start[a] + j], j < seg_rank[a] (heterogeneous ranks, no padding). All sizes are
-// runtime arguments; the dtype (fp32 / fp16 / bf16) and the token tile are template parameters,
-// instantiated through extern "C" wrappers at the bottom. Accumulation is fp32 throughout.
+// rows[seg_row_start[a] + j], j < seg_rank[a] (heterogeneous ranks, no padding). Pool row c of
+// module m starts at a_m + c * lda_m (A) and bt_m + c * ldb_m (Bt): explicit row strides in
+// elements, one per pool, because the runtime's pools are strided views of the KV cache (row
+// stride = the engine's row granularity, smaller than a row; rows in use never overlap). A
+// contiguous pool passes lda = in_f, ldb = out. All sizes are runtime arguments; the dtype
+// (fp32 / fp16 / bf16) and the token tile are template parameters, instantiated through
+// extern "C" wrappers at the bottom. Accumulation is fp32 throughout.
 //
 // Split-K without atomics: shrink block (segment, token tile, split s) writes the partial sums
 // of its K range to Vp[m, s, i, j] (fp32, [modules, splits, T_active, ldv]); expand sums the
@@ -17,7 +21,11 @@
 //
 // Fusion: modules that share x (q/k/v, gate/up) pass up to three pools in one launch. Shrink
 // stages the x tile once and runs every module's rows over it; expand spreads its column tiles
-// over the modules' outputs, so a fused pair of launches replaces 2 * modules launches.
+// over the modules' outputs, so a fused pair of launches replaces 2 * modules launches. The
+// fused modules share the batch (tokens, ranks and row ids), each pool with its own strides.
+// In the runtime every module's rows are distinct row ids of the shared KV arena, so the
+// runtime launches each module on its own (one pool per launch); fusion serves pools laid out
+// with common row ids (benches, separate pools per module).
 #include "lora_common.cuh"
 
 // ---------------------------------------------------------------------------------------------
@@ -32,7 +40,7 @@ __device__ __forceinline__ void shrink_body(
     const T* __restrict__ a2, int nmod, const long long* __restrict__ token_idx,
     const int* __restrict__ seg_start, const int* __restrict__ seg_rank,
     const int* __restrict__ seg_row_start, const int* __restrict__ rows, float* __restrict__ vp,
-    int in_f, int ldv, int ks, int t_active, int vec_ok) {
+    int in_f, int lda0, int lda1, int lda2, int ldv, int ks, int t_active, int vec_ok) {
   constexpr int VEC = DType<T>::VEC;
   constexpr int NV = RPW * TM;  // partial sums per lane
   constexpr int LPV = 32 / NV;  // lanes holding each reduced value
@@ -89,13 +97,14 @@ __device__ __forceinline__ void shrink_body(
 
     for (int m = 0; m < nmod; ++m) {
       const T* pool = m == 0 ? a0 : (m == 1 ? a1 : a2);
+      const long long lda = m == 0 ? lda0 : (m == 1 ? lda1 : lda2);
       float* vout = vp + static_cast<long long>(m * nsplit + split) * t_active * ldv;
       for (int j0 = warp * RPW; j0 < rank; j0 += nwarps * RPW) {
         const T* ap[RPW];
 #pragma unroll
         for (int r = 0; r < RPW; ++r) {
           // Rows past the rank re-read the last row (a cache hit) and are never written.
-          ap[r] = pool + static_cast<long long>(arows[min(j0 + r, rank - 1)]) * in_f + k0;
+          ap[r] = pool + static_cast<long long>(arows[min(j0 + r, rank - 1)]) * lda + k0;
         }
         float acc[NV];
 #pragma unroll
@@ -165,8 +174,9 @@ __device__ __forceinline__ void shrink_body(
 template <typename T, int TT, int TMR>
 __device__ __forceinline__ void expand_body(
     T* __restrict__ y0, T* __restrict__ y1, T* __restrict__ y2, const T* __restrict__ bt0,
-    const T* __restrict__ bt1, const T* __restrict__ bt2, int out0, int out1, int out2, int ct1,
-    int ct2, int ct_total, const float* __restrict__ vp, int nsplit, int t_active, int ldv,
+    const T* __restrict__ bt1, const T* __restrict__ bt2, int out0, int out1, int out2, int ldb0,
+    int ldb1, int ldb2, int ct1, int ct2, int ct_total, const float* __restrict__ vp, int nsplit,
+    int t_active, int ldv,
     const long long* __restrict__ token_idx, const int* __restrict__ seg_start,
     const int* __restrict__ seg_rank, const int* __restrict__ seg_row_start,
     const int* __restrict__ rows, const float* __restrict__ seg_scale, int vec_mask) {
@@ -193,6 +203,7 @@ __device__ __forceinline__ void expand_body(
     T* y = m == 0 ? y0 : (m == 1 ? y1 : y2);
     const T* bt = m == 0 ? bt0 : (m == 1 ? bt1 : bt2);
     const int out = m == 0 ? out0 : (m == 1 ? out1 : out2);
+    const long long ldb = m == 0 ? ldb0 : (m == 1 ? ldb1 : ldb2);
     const bool vec = ((vec_mask >> m) & 1) != 0;
     const int o = (ct - (m == 0 ? 0 : (m == 1 ? ct1 : ct2))) * ot + threadIdx.x * VEC;
     const float* vm = vp + static_cast<long long>(m) * nsplit * t_active * ldv;
@@ -225,7 +236,7 @@ __device__ __forceinline__ void expand_body(
 #pragma unroll 4
           for (int j = 0; j < rank; ++j) {
             float b[VEC];
-            load_vec_ro(bt + static_cast<long long>(rs[j]) * out + o, b);
+            load_vec_ro(bt + static_cast<long long>(rs[j]) * ldb + o, b);
 #pragma unroll
             for (int t = 0; t < TMR; ++t) {
               const float w = vs[(t0 + t) * rank + j];
@@ -236,7 +247,7 @@ __device__ __forceinline__ void expand_body(
         } else {
 #pragma unroll 2
           for (int j = 0; j < rank; ++j) {
-            const T* brow = bt + static_cast<long long>(rs[j]) * out + o;
+            const T* brow = bt + static_cast<long long>(rs[j]) * ldb + o;
             float b[VEC];
 #pragma unroll
             for (int e = 0; e < VEC; ++e) b[e] = o + e < out ? DType<T>::load(brow + e) : 0.f;
@@ -278,20 +289,23 @@ __device__ __forceinline__ void expand_body(
   extern "C" __global__ void __launch_bounds__(256) NAME(                                      \
       const T* x, const T* a0, const T* a1, const T* a2, int nmod, const long long* token_idx, \
       const int* seg_start, const int* seg_rank, const int* seg_row_start, const int* rows,    \
-      float* vp, int in_f, int ldv, int ks, int t_active, int vec_ok) {                        \
+      float* vp, int in_f, int lda0, int lda1, int lda2, int ldv, int ks, int t_active,       \
+      int vec_ok) {                                                                            \
     shrink_body<T, TM, RPW>(x, a0, a1, a2, nmod, token_idx, seg_start, seg_rank,               \
-                            seg_row_start, rows, vp, in_f, ldv, ks, t_active, vec_ok);         \
+                            seg_row_start, rows, vp, in_f, lda0, lda1, lda2, ldv, ks,          \
+                            t_active, vec_ok);                                                 \
   }
 
 #define ALORA_EXPAND(NAME, T, TT, TMR)                                                          \
   extern "C" __global__ void __launch_bounds__(256) NAME(                                      \
       T* y0, T* y1, T* y2, const T* bt0, const T* bt1, const T* bt2, int out0, int out1,       \
-      int out2, int ct1, int ct2, int ct_total, const float* vp, int nsplit, int t_active,     \
-      int ldv, const long long* token_idx, const int* seg_start, const int* seg_rank,          \
-      const int* seg_row_start, const int* rows, const float* seg_scale, int vec_mask) {       \
-    expand_body<T, TT, TMR>(y0, y1, y2, bt0, bt1, bt2, out0, out1, out2, ct1, ct2, ct_total,   \
-                            vp, nsplit, t_active, ldv, token_idx, seg_start, seg_rank,         \
-                            seg_row_start, rows, seg_scale, vec_mask);                         \
+      int out2, int ldb0, int ldb1, int ldb2, int ct1, int ct2, int ct_total, const float* vp, \
+      int nsplit, int t_active, int ldv, const long long* token_idx, const int* seg_start,     \
+      const int* seg_rank, const int* seg_row_start, const int* rows, const float* seg_scale,  \
+      int vec_mask) {                                                                          \
+    expand_body<T, TT, TMR>(y0, y1, y2, bt0, bt1, bt2, out0, out1, out2, ldb0, ldb1, ldb2, ct1, \
+                            ct2, ct_total, vp, nsplit, t_active, ldv, token_idx, seg_start,    \
+                            seg_rank, seg_row_start, rows, seg_scale, vec_mask);               \
   }
 
 #define ALORA_INSTANTIATE(SUFFIX, T)                        \

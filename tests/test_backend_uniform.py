@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_backend import make_batch, oracle
+from test_backend import arena, make_batch, oracle
 
 from alora.backend import TorchBackend
 
@@ -44,7 +44,7 @@ def test_uniform_form_matches_oracle(
     rows = [list(range(lo + a * rank, lo + (a + 1) * rank)) for a in range(n)]
     scales = [0.5 + a for a in range(n)]
     batch = make_batch(seg_tokens, [rank] * n, rows, scales)
-    assert batch.uniform == (lo, rank, tokens == list(range(n)))
+    assert batch.uniform == (lo, rank, tokens == list(range(n)), 1)
     x = torch.randn(num_tokens, d_in, generator=g, dtype=dtype)
     y = torch.randn(num_tokens, d_out, generator=g, dtype=dtype)
     a_pool = torch.randn(lo + n * rank + 3, d_in, generator=g, dtype=dtype)
@@ -56,6 +56,39 @@ def test_uniform_form_matches_oracle(
     assert err < 1e-5
     for t in set(range(num_tokens)) - set(tokens):
         assert torch.equal(got[t], y[t]), "inactive token modified"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 10),
+    rank=st.integers(1, 9),
+    lo=st.integers(0, 5),
+    g=st.integers(1, 90),
+    dims=st.tuples(st.integers(1, 70), st.integers(1, 70)),
+    seed=st.integers(0, 2**31),
+)
+def test_uniform_form_on_strided_views(
+    n: int, rank: int, lo: int, g: int, dims: tuple[int, int], seed: int
+) -> None:
+    """The runtime's layout: rows step by ceil((in + out) / g) row ids, adapters one after
+    another; the form slices the overlapping views with that step (NaN elsewhere)."""
+    d_in, d_out = dims
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=gen)
+    y = torch.randn(n, d_out, generator=gen)
+    a_pool = torch.randn(n * rank, d_in, generator=gen)
+    bt_pool = torch.randn(n * rank, d_out, generator=gen)
+    _buf, a_view, bt_view, ids = arena(a_pool, bt_pool, g, [lo + p for p in range(n * rank)])
+    rows = [list(range(a * rank, (a + 1) * rank)) for a in range(n)]
+    seg_tokens = [[a] for a in range(n)]
+    scales = [0.5 + a for a in range(n)]
+    batch = make_batch(seg_tokens, [rank] * n, [[ids[p] for p in rs] for rs in rows], scales)
+    step = -(-(d_in + d_out) // g)
+    assert batch.uniform == (ids[0], rank, True, step if n * rank > 1 else 1)
+    ref = oracle(y, x, a_pool, bt_pool, seg_tokens, rows, scales)
+    got = y.clone()
+    TorchBackend().add_lora(got, x, a_view, bt_view, batch)
+    assert (got.double() - ref).norm() / ref.norm().clamp_min(1e-12) < 1e-5
 
 
 def test_layouts_that_are_not_uniform() -> None:

@@ -5,7 +5,8 @@
    a log that stopped matching cannot pass as "no spills").
 2. The disk cache, the source provider, `alora check-kernels`, lazy imports.
 3. The kernels themselves, run by the CPU emulator (`alora.kernels.emulate`) through the same
-   launch planning as on a GPU, against a float64 reference over hypothesis-drawn shapes.
+   launch planning as on a GPU, against a float64 reference over hypothesis-drawn shapes, on
+   contiguous pools and on the runtime's layout (overlapping strided views, NaN between rows).
 """
 
 from __future__ import annotations
@@ -266,6 +267,7 @@ def cases(draw: st.DrawFn) -> Case:
                 st.none(), st.sampled_from([k for k in (256, 512, 1024, 2048) if k <= max_ks])
             )
         ),
+        granularity=draw(st.one_of(st.none(), st.integers(1, 96), st.sampled_from([8, 64]))),
     )
 
 
@@ -285,8 +287,19 @@ def test_emulated_kernels_match_float64_reference(emu: kl.CudaBackend, case: Cas
         Case(torch.float16, ((37, 128), (20, 1), (9, 8)), 3, 515, (130, 33, 33)),
         # every rank zero or every segment empty: nothing changes
         Case(torch.float16, ((3, 0), (0, 8)), 2, 64, (64,)),
+        # the runtime's layout: strided views, 16-byte aligned rows (vector loads)...
+        Case(
+            torch.float16,
+            tuple((1 + i % 3, 8 * (1 + i % 2)) for i in range(5)),
+            2,
+            576,
+            (576, 192),
+            granularity=64,
+        ),
+        # ...and rows at odd element offsets (scalar loads), prefill form, fused q/k/v
+        Case(torch.float16, ((21, 16), (6, 4)), 2, 300, (100, 37, 37), granularity=7),
     ],
-    ids=["decode", "prefill-fused", "empty"],
+    ids=["decode", "prefill-fused", "empty", "arena-aligned", "arena-unaligned"],
 )
 def test_emulated_kernels_examples(emu: kl.CudaBackend, case: Case, dtype: torch.dtype) -> None:
     check_case(emu, Case(**{**case.__dict__, "dtype": dtype}))
@@ -298,6 +311,23 @@ def test_emulated_kernels_grid_stride(emu: kl.CudaBackend, monkeypatch: pytest.M
     monkeypatch.setattr(kl, "_GRID_YZ_MAX", 2)
     check_case(emu, Case(torch.bfloat16, ((70, 12), (33, 3)), 4, 300, (300, 50), form="seg"))
     check_case(emu, Case(torch.float32, ((13, 5),), 1, 64, (2000,), form="dec"))
+
+
+def test_launches_pass_each_pools_row_stride() -> None:
+    inp = make_inputs(Case(torch.float16, ((2, 4),), 1, 64, (32, 48), granularity=16))
+    launches: list[kl.Launch] = []
+    backend = kl.CudaBackend("cpu", executor=launches.append, num_sms=4)
+    backend.add_lora_fused(inp.ys, inp.x, inp.a_pools, inp.bt_pools, inp.batch)
+    shrink, expand = launches
+    # shrink: ..., vp, in_f, lda0, lda1, lda2, ldv, ...; expand: ..., out0-2, ldb0-2, ...
+    assert [int(v) for v in shrink.args[11:15]] == [64, 16, 16, 0]
+    assert [int(v) for v in expand.args[6:12]] == [32, 48, 0, 16, 16, 0]
+    assert int(shrink.args[-1]) == 1  # 16 elements * 2 bytes: rows stay 16-byte aligned
+    contiguous = make_inputs(Case(torch.float16, ((2, 4),), 1, 64, (32,)))
+    launches.clear()
+    c = contiguous
+    backend.add_lora(c.ys[0], c.x, c.a_pools[0], c.bt_pools[0], c.batch)
+    assert int(launches[0].args[12]) == 64 and int(launches[1].args[9]) == 32
 
 
 def test_emulated_add_lora_matches_torch_backend(emu: kl.CudaBackend) -> None:

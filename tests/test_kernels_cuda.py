@@ -61,6 +61,7 @@ def cases(draw: st.DrawFn) -> Case:
         seed=draw(st.integers(0, 2**16)),
         form=form,
         ks=draw(st.one_of(st.none(), st.sampled_from([k for k in (256, 1024) if k <= max_ks]))),
+        granularity=draw(st.one_of(st.none(), st.integers(1, 300), st.sampled_from([64, 192]))),
     )
 
 
@@ -79,8 +80,18 @@ def test_kernels_match_float64_reference(backend: CudaBackend, case: Case) -> No
         Case(torch.float16, tuple((64, 8 * (i + 1)) for i in range(8)), 16, 4096, (4096,)),
         Case(torch.float16, ((5, 128), (3, 1), (9, 37)), 7, 3424, (3424, 1024, 1024)),
         Case(torch.float16, ((2, 128),), 1, 1, (1,)),
+        # the runtime's layout: pools are strided views of the KV cache (SmolLM2's g = 192)
+        Case(torch.float16, tuple((1, 16) for _ in range(32)), 8, 576, (576, 192), granularity=192),
+        Case(torch.float16, ((40, 64), (7, 8)), 3, 4096, (4096, 1024), granularity=5),
     ],
-    ids=["decode-64-adapters", "prefill-8-adapters", "odd-hidden-fused-qkv", "size-one"],
+    ids=[
+        "decode-64-adapters",
+        "prefill-8-adapters",
+        "odd-hidden-fused-qkv",
+        "size-one",
+        "arena-decode",
+        "arena-unaligned",
+    ],
 )
 def test_kernel_shapes(backend: CudaBackend, case: Case, form: str, dtype: torch.dtype) -> None:
     check_case(backend, Case(**{**case.__dict__, "dtype": dtype, "form": form}), "cuda")

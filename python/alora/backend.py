@@ -7,6 +7,11 @@ where `rows(a)` are the pool rows of adapter `a` (rank(a) of them, not necessari
 contiguous) and tokens are grouped by adapter into segments (DESIGN.md sections 4 and 6).
 Per-module differences in scale (alpha/rank patterns) are folded into the Bt rows when an
 adapter is paged in, so one scale per segment suffices.
+
+Pools are 2-D row-major views `[R, in]` / `[R, out]` with unit column stride and any row
+stride: in the runtime they are overlapping strided views of the KV cache (row stride = the
+engine's row granularity, smaller than a row), so a backend reads them only by row indexing,
+slicing and matmuls and never materialises a whole pool.
 """
 
 from __future__ import annotations
@@ -37,6 +42,26 @@ class LoraBatch:
     seg_scale_host: tuple[float, ...]
     max_rank: int
     max_seg_tokens: int
+    # Optional host copies of token_idx and rows (numpy), so the torch forms' layout tests
+    # need no device-to-host copy; read through `host_token_idx()` / `host_rows()`.
+    token_idx_host: np.ndarray | None = None
+    rows_host: np.ndarray | None = None
+
+    def host_token_idx(self) -> np.ndarray:
+        if self.token_idx_host is not None:
+            return self.token_idx_host
+        return self.token_idx.cpu().numpy()
+
+    def host_rows(self) -> np.ndarray:
+        if self.rows_host is not None:
+            return self.rows_host
+        return self.rows.cpu().numpy()
+
+    @cached_property
+    def pad_row(self) -> int:
+        """The row the gathered forms read for padding (scaled by 0): the batch's first."""
+        rows = self.host_rows()
+        return int(rows[0]) if rows.shape[0] else 0
 
     @property
     def num_segments(self) -> int:
@@ -50,12 +75,14 @@ class LoraBatch:
     def token_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per active token, its adapter's pool rows padded to `max_rank` (int64
         [T_active, max_rank]) and the scale to apply per row, 0 on padding (float32, same
-        shape). Built once per batch and shared by every module that uses it."""
+        shape). Built once per batch and shared by every module that uses it. Padding
+        reads the batch's first row (`pad_row`), an adapter row: in the runtime's pools row
+        0 may be KV data, and 0 * a non-finite value read there would not be 0."""
         # numpy: per-segment slicing of tiny arrays costs far less than in torch.
         r = self.max_rank
-        rows = np.zeros((self.num_segments, r), dtype=np.int64)
+        rows = np.full((self.num_segments, r), self.pad_row, dtype=np.int64)
         scale = np.zeros((self.num_segments, r), dtype=np.float32)
-        host_rows = self.rows.cpu().numpy()
+        host_rows = self.host_rows()
         for a, (r0, rank) in enumerate(
             zip(self.seg_row_start_host[:-1], self.seg_rank_host, strict=True)
         ):
@@ -69,25 +96,27 @@ class LoraBatch:
         )
 
     @cached_property
-    def spans(self) -> tuple[tuple[int, int, int, int] | None, ...]:
-        """Per segment, (first token, end token, first row, end row) when both its tokens
-        and its pool rows are contiguous ranges (then the per-segment form works on views,
-        with no gathers or scatters), else None. Empty segments are (0, 0, 0, 0)."""
-        tok = self.token_idx.cpu().numpy()
-        rows = self.rows.cpu().numpy()
-        out: list[tuple[int, int, int, int] | None] = []
+    def spans(self) -> tuple[tuple[int, int, int, int, int] | None, ...]:
+        """Per segment, (first token, end token, first row, row step, rank) when its tokens
+        are a contiguous range and its pool rows an arithmetic progression with a positive
+        step (then the per-segment form works on views, `pool[r0 : r0 + step * rank : step]`,
+        with no gathers or scatters), else None. In the runtime's pools an adapter's rows of
+        one module step by (in + out) / granularity. Empty segments are (0, 0, 0, 1, 0)."""
+        tok = self.host_token_idx()
+        rows = self.host_rows()
+        out: list[tuple[int, int, int, int, int] | None] = []
         for a in range(self.num_segments):
             t0, t1 = self.seg_start_host[a], self.seg_start_host[a + 1]
             r0, r1 = self.seg_row_start_host[a], self.seg_row_start_host[a + 1]
             if t0 == t1:
-                out.append((0, 0, 0, 0))
+                out.append((0, 0, 0, 1, 0))
                 continue
-            ts = _range_start(tok[t0:t1])
-            rs = _range_start(rows[r0:r1]) if r1 > r0 else 0
-            if ts is None or rs is None:
+            ts = _progression(tok[t0:t1])
+            rs = _progression(rows[r0:r1]) if r1 > r0 else (0, 1)
+            if ts is None or ts[1] != 1 or rs is None:
                 out.append(None)
             else:
-                out.append((ts, ts + t1 - t0, rs, rs + r1 - r0))
+                out.append((ts[0], ts[0] + t1 - t0, rs[0], rs[1], r1 - r0))
         return tuple(out)
 
     @cached_property
@@ -96,11 +125,13 @@ class LoraBatch:
 
     def dense_rows(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`token_rows` laid out over all `num_tokens` tokens of the step in token order;
-        inactive tokens get row 0 with scale 0, so they receive an exact zero delta."""
+        inactive tokens get `pad_row` with scale 0, so they receive an exact zero delta."""
         cache = self._dense_rows
         if num_tokens not in cache:
             rows, scale = self.token_rows
-            dense = torch.zeros((num_tokens, self.max_rank), dtype=torch.int64, device=rows.device)
+            dense = torch.full(
+                (num_tokens, self.max_rank), self.pad_row, dtype=torch.int64, device=rows.device
+            )
             dense_scale = torch.zeros((num_tokens, self.max_rank), device=rows.device)
             dense[self.token_idx] = rows
             dense_scale[self.token_idx] = scale
@@ -108,11 +139,12 @@ class LoraBatch:
         return cache[num_tokens]
 
     @cached_property
-    def uniform(self) -> tuple[int, int, bool] | None:
-        """(first row, rank, tokens are 0..n-1) when segment a holds exactly one token and
-        the rows lo + a*rank .. lo + (a+1)*rank: then A/Bt rows are one [n, rank, dim] view
-        of the pool and both products are a `bmm` over it, with no row gather (the usual
-        decode step of n requests on n adapters loaded in order). Else None."""
+    def uniform(self) -> tuple[int, int, bool, int] | None:
+        """(first row, rank, tokens are 0..n-1, row step) when segment a holds exactly one
+        token and the rows are lo + step * (a*rank .. (a+1)*rank - 1): then A/Bt rows are one
+        [n, rank, dim] view of the pool and both products are a `bmm` over it, with no row
+        gather (the usual decode step of n requests on n adapters loaded in order). Else
+        None."""
         n = self.num_segments
         if n == 0 or self.max_seg_tokens != 1 or self.num_active != n:
             return None
@@ -122,17 +154,23 @@ class LoraBatch:
             return None
         if not bool((np.diff(rstarts) == rank).all()):
             return None
-        rows = self.rows.cpu().numpy()
-        lo = int(rows[0])
-        if not bool((rows == np.arange(lo, lo + n * rank)).all()):
+        prog = _progression(self.host_rows()[: n * rank])
+        if prog is None:
             return None
-        tok = self.token_idx.cpu().numpy()
-        return lo, rank, bool((tok == np.arange(n)).all())
+        tok = self.host_token_idx()
+        return prog[0], rank, bool((tok == np.arange(n)).all()), prog[1]
 
 
-def _range_start(values: np.ndarray) -> int | None:
-    """First element of a non-empty array of consecutive integers, else None."""
-    return int(values[0]) if bool((np.diff(values) == 1).all()) else None
+def _progression(values: np.ndarray) -> tuple[int, int] | None:
+    """(first, step) of a non-empty arithmetic progression with a positive step (a single
+    element has step 1), else None."""
+    first = int(values[0])
+    if values.shape[0] == 1:
+        return first, 1
+    step = int(values[1]) - first
+    if step <= 0 or not bool((np.diff(values) == step).all()):
+        return None
+    return first, step
 
 
 class LoraBackend(Protocol):
@@ -218,12 +256,13 @@ class TorchBackend:
                 continue
             scale = batch.seg_scale_host[a]
             if span is not None:
-                s0, s1, r0, r1 = span
-                v = x[s0:s1].to(acc) @ a_pool[r0:r1].to(acc).t()
+                s0, s1, r0, step, rank = span
+                sl = slice(r0, r0 + step * (rank - 1) + 1, step)
+                v = x[s0:s1].to(acc) @ a_pool[sl].to(acc).t()
                 if y.dtype == acc:
-                    y[s0:s1].addmm_(v, bt_pool[r0:r1].to(acc), alpha=scale)
+                    y[s0:s1].addmm_(v, bt_pool[sl].to(acc), alpha=scale)
                 else:
-                    y[s0:s1] += ((v @ bt_pool[r0:r1].to(acc)) * scale).to(y.dtype)
+                    y[s0:s1] += ((v @ bt_pool[sl].to(acc)) * scale).to(y.dtype)
                 continue
             tok = batch.token_idx[t0:t1]
             rows = batch.rows[rstarts[a] : rstarts[a + 1]].long()
@@ -239,15 +278,16 @@ class TorchBackend:
         a_pool: torch.Tensor,
         bt_pool: torch.Tensor,
         batch: LoraBatch,
-        uniform: tuple[int, int, bool],
+        uniform: tuple[int, int, bool, int],
     ) -> None:
         """One token per segment, rows laid out segment after segment: a batched mat-vec
         over pool views reads each row once and copies none (about 2x the gathered form
         for 16 rank-16 adapters at hidden 512-2048, measured)."""
-        lo, rank, identity = uniform
+        lo, rank, identity, step = uniform
         n = batch.num_segments
-        a = a_pool[lo : lo + n * rank].view(n, rank, -1)
-        bt = bt_pool[lo : lo + n * rank].view(n, rank, -1)
+        sl = slice(lo, lo + step * (n * rank - 1) + 1, step)
+        a = a_pool[sl].view(n, rank, -1)
+        bt = bt_pool[sl].view(n, rank, -1)
         xs = x[:n] if identity else x.index_select(0, batch.token_idx)
         # Row-vector times transposed rows: 4-5x faster on the CPU than a @ x as columns.
         v = torch.bmm(xs[:, None, :], a.transpose(1, 2))  # [n, 1, rank]
@@ -297,13 +337,16 @@ def _gathered_delta(
 
     Shrink is a gather plus multiply-sum (a batched mat-vec, which `bmm` handles poorly on
     CPU); expand is `embedding_bag` with per-sample weights, which sums the scaled rows
-    without materialising them. Half-precision pools expand through `bmm` instead, since
-    `embedding_bag` would need half-precision weights."""
+    without materialising them, on a contiguous pool of the accumulation dtype. Other pools
+    expand through a gather and `bmm`: half precision since `embedding_bag` would need
+    half-precision weights, and strided views (the runtime's pools inside the KV cache)
+    since `embedding_bag` copies a non-contiguous weight whole (measured: `contiguous` +
+    `clone` of the entire view, 0.17 s per call on a 300 MB view)."""
     n, r = rows.shape
     flat = rows.reshape(-1)
     a = a_pool.index_select(0, flat).view(n, r, -1).to(acc)
     v = (a * x.to(acc)[:, None, :]).sum(-1).mul_(scale.to(acc))
-    if bt_pool.dtype == acc:
+    if bt_pool.dtype == acc and bt_pool.is_contiguous():
         return F.embedding_bag(rows, bt_pool, per_sample_weights=v, mode="sum")
     bt = bt_pool.index_select(0, flat).view(n, r, -1).to(acc)
     return torch.bmm(v[:, None, :], bt)[:, 0]

@@ -1,5 +1,9 @@
-"""LoRA glue: device pools of adapter rank rows, paging rows in from the engine's host
-weights, per-step LoRA batches, and forward hooks on the target linears.
+"""LoRA glue: adapter rows inside the KV cache's units, paging rows in from host weights,
+per-step LoRA batches, and forward hooks on the target linears.
+
+Adapter rows are not separate tensors: `AdapterPools` holds, per module, strided read-only
+views of the KV cache tensor (see `kv_cache.py` for the addressing), and page-ins write through
+`PagedKVCache.write_rows`.
 
 The target linears are not replaced: a forward hook adds the LoRA delta to the linear's
 output in place, and only inside a runtime step. The model's module tree and state dict never
@@ -12,7 +16,7 @@ import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -20,90 +24,124 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from alora.backend import LoraBackend, LoraBatch
+from alora.kv_cache import PagedKVCache
 from alora.model import ModelGeometry
-from alora.plan import LoraPlan
 
 if TYPE_CHECKING:
     from alora._core import AdapterInfo
+    from alora.plan import LoraPlan
+
+
+class AdapterWeightsLike(Protocol):
+    """`alora._core.AdapterWeights`: an adapter's host weights."""
+
+    def weights(self, layer: int, module: str) -> tuple[np.ndarray, np.ndarray] | None: ...
+
+    def scale(self, layer: int, module: str) -> float: ...
 
 
 @dataclass(frozen=True)
 class AdapterEntry:
-    """What the runtime keeps per loaded adapter besides the engine's AdapterInfo."""
+    """What the runtime keeps per registered adapter besides the engine's AdapterInfo (built
+    from the info's summaries alone: no per-(layer, module) calls, so registering 10,000
+    adapters costs nothing here)."""
 
     info: AdapterInfo
     seg_scale: float  # the scale passed to the backend for this adapter's segments
     targets: frozenset[str]  # module names with weights in at least one layer
 
-
-def segment_scale(info: AdapterInfo, geometry: ModelGeometry) -> float:
-    """The adapter's segment scale: the largest |scale| over its adapted (layer, module)s.
-    Each module's scale is folded into its Bt rows as a ratio to it, so the ratios lie in
-    [-1, 1]: rows in a half-precision pool never overflow, whatever the alpha patterns."""
-    scales = [
-        abs(float(info.scale(layer, spec.name)))
-        for layer in range(geometry.num_layers)
-        for spec in geometry.modules
-        if info.module_rank(layer, spec.name) > 0
-    ]
-    biggest = max(scales, default=0.0)
-    return biggest if biggest > 0.0 else 1.0
+    @classmethod
+    def from_info(cls, info: AdapterInfo, module_names: Sequence[str]) -> AdapterEntry:
+        """seg_scale = info.segment_scale; targets = the modules whose rank is > 0 in
+        `info.module_ranks` (engine module order = `module_names`)."""
+        ranks = list(info.module_ranks)
+        if len(ranks) != len(module_names):
+            raise ValueError(f"{len(ranks)} module ranks for {len(module_names)} modules")
+        return cls(
+            info=info,
+            seg_scale=float(info.segment_scale),
+            targets=frozenset(n for n, r in zip(module_names, ranks, strict=True) if r > 0),
+        )
 
 
 class AdapterPools:
-    """Per module: `a[name]` [layers, R, in] and `bt[name]` [layers, R, out], model dtype.
+    """Per module: `a[name]` [layers, R_m, in] and `bt[name]` [layers, R_m, out], strided
+    read-only views of the KV cache tensor (model dtype); row id `c` is row `c` of both.
 
-    Rows of adapter `a` at (layer, module): A rows <- A (its first r_m rows), Bt rows <-
-    B^T * scale_m / seg_scale(a), rows >= r_m zero, so that one scale per segment is exact
-    whatever the adapter's rank and alpha patterns."""
+    An adapter's rows of module m (r_m = its largest rank of m over layers): A rows <- A,
+    Bt rows <- B^T * scale_lm / seg_scale, rows j >= r_lm of a layer with a lower rank (or no
+    weights) zero, so that one scale per segment is exact whatever the adapter's rank and alpha
+    patterns. The pools add no device memory: they are the cache's units."""
 
-    def __init__(
-        self, geometry: ModelGeometry, rows: int, dtype: torch.dtype, device: torch.device
-    ) -> None:
+    def __init__(self, geometry: ModelGeometry, cache: PagedKVCache, granularity: int) -> None:
         self.geometry = geometry
-        self.rows = rows
-        self.dtype = dtype
-        self.device = device
-        L = geometry.num_layers
+        self.cache = cache
+        self.granularity = granularity
+        self.dtype = cache.kv.dtype
+        self.device = cache.kv.device
         self.a: dict[str, torch.Tensor] = {}
         self.bt: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}  # R_m per module
         for spec in geometry.modules:
-            self.a[spec.name] = torch.zeros((L, rows, spec.in_features), dtype=dtype, device=device)
-            self.bt[spec.name] = torch.zeros(
-                (L, rows, spec.out_features), dtype=dtype, device=device
-            )
+            a, bt = cache.row_views(spec.in_features, spec.out_features, granularity)
+            self.a[spec.name], self.bt[spec.name] = a, bt
+            self.rows[spec.name] = a.shape[1]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.bt.values()))
+        """Device bytes the pools add beyond the KV cache: none."""
+        return 0
 
-    def load(self, entry: AdapterEntry, rows: np.ndarray) -> None:
-        """Fill pool `rows` (int32[rank]) with the adapter's weights, every layer and module."""
-        rows_np = np.asarray(rows, dtype=np.int64)
-        n = int(rows_np.shape[0])
-        if n == 0:
-            return
-        if int(rows_np.min()) < 0 or int(rows_np.max()) >= self.rows:
-            raise ValueError(f"adapter rows out of range [0, {self.rows})")
-        if n < entry.info.rank:
-            raise ValueError(f"{n} rows for an adapter of rank {entry.info.rank}")
-        idx = torch.from_numpy(rows_np).to(self.device)
+    def load(
+        self,
+        entry: AdapterEntry | AdapterInfo,
+        row_start: np.ndarray,
+        rows: np.ndarray,
+        weights: AdapterWeightsLike,
+    ) -> None:
+        """Page an adapter in: for every module m, write its rows
+        `rows[row_start[m]:row_start[m + 1]]` (int32 row ids, r_m of them) in every layer
+        from `weights` (`weights.weights(layer, name) -> (A [r, in], B [out, r]) | None`,
+        `weights.scale(layer, name)`). One write per module, all layers at once."""
+        info = entry.info if isinstance(entry, AdapterEntry) else entry
+        seg_scale = float(info.segment_scale)
+        modules = self.geometry.modules
+        starts = np.asarray(row_start, dtype=np.int64).reshape(-1)
+        rows_np = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if starts.shape[0] != len(modules) + 1:
+            raise ValueError(f"row_start must have {len(modules) + 1} entries, got {len(starts)}")
+        if starts[0] != 0 or starts[-1] != rows_np.shape[0] or bool((np.diff(starts) < 0).any()):
+            raise ValueError("row_start must rise from 0 to len(rows)")
+        ranks = list(info.module_ranks)
         L = self.geometry.num_layers
-        for spec in self.geometry.modules:
-            # Assemble every layer on the host in float32, then one copy per pool.
-            a_host = torch.zeros((L, n, spec.in_features), dtype=torch.float32)
-            bt_host = torch.zeros((L, n, spec.out_features), dtype=torch.float32)
-            if spec.name in entry.targets:
-                for layer in range(L):
-                    w = entry.info.weights(layer, spec.name)
-                    if w is None:
-                        continue
-                    a_np, b_np = w
-                    r = a_np.shape[0]
-                    ratio = float(entry.info.scale(layer, spec.name)) / entry.seg_scale
-                    a_host[layer, :r] = torch.from_numpy(np.array(a_np, copy=True))
-                    bt_host[layer, :r] = torch.from_numpy(np.array(b_np, copy=True)).t() * ratio
-            self.a[spec.name].index_copy_(1, idx, a_host.to(self.device, self.dtype))
-            self.bt[spec.name].index_copy_(1, idx, bt_host.to(self.device, self.dtype))
+        for m, spec in enumerate(modules):
+            mrows = rows_np[starts[m] : starts[m + 1]]
+            r = int(mrows.shape[0])
+            if r < ranks[m]:
+                raise ValueError(f"{r} rows for {spec.name} of rank {ranks[m]}")
+            if r == 0:
+                continue
+            # Assemble every layer on the host in float32, then one write for the module.
+            a_host = np.zeros((L, r, spec.in_features), dtype=np.float32)
+            bt_host = np.zeros((L, r, spec.out_features), dtype=np.float32)
+            for layer in range(L):
+                w = weights.weights(layer, spec.name)
+                if w is None:
+                    continue
+                a_np, b_np = w
+                rl = int(a_np.shape[0])
+                if rl > r:
+                    raise ValueError(f"layer {layer} {spec.name} has rank {rl} > {r} rows")
+                ratio = float(weights.scale(layer, spec.name)) / seg_scale
+                a_host[layer, :rl] = a_np
+                np.multiply(np.asarray(b_np).T, np.float32(ratio), out=bt_host[layer, :rl])
+            self.cache.write_rows(
+                spec.in_features,
+                spec.out_features,
+                self.granularity,
+                mrows,
+                torch.from_numpy(a_host),
+                torch.from_numpy(bt_host),
+            )
 
 
 def build_lora_batches(
@@ -115,77 +153,98 @@ def build_lora_batches(
 ) -> dict[str, LoraBatch | None]:
     """module name -> the LoraBatch of the segments whose adapter targets it (None: none).
 
-    One batch per distinct set of segments, shared by every module (and layer) with that set.
-    """
-    sorted_token_idx = plan.sorted_token_idx
-    segment_start = plan.segment_start
-    segment_adapter = plan.segment_adapter
-    adapter_rank = plan.adapter_rank
-    adapter_row_start = plan.adapter_row_start
-    adapter_rows = plan.adapter_rows
-    num_segments = int(segment_adapter.shape[0])
+    The plan's `adapter_rank` / `adapter_row_start` are per (segment, module), row-major;
+    each module gets its own batch (its rows differ from every other module's), built with
+    numpy only. Segments whose rank for the module is 0, or that have no tokens, are left
+    out. Modules whose segment set coincides share the token tensors; all the modules'
+    small int32 arrays reach the device in one copy."""
+    num_modules = len(module_names)
+    seg_adapter = np.asarray(plan.segment_adapter)
+    num_segments = int(seg_adapter.shape[0])
     if num_segments == 0:
         return dict.fromkeys(module_names)
-    seg_entries = [entries[int(a)] for a in segment_adapter]
-    by_set: dict[tuple[int, ...], LoraBatch | None] = {}
+    seg_start = np.asarray(plan.segment_start, dtype=np.int64)
+    counts = np.diff(seg_start)
+    ranks = np.asarray(plan.adapter_rank, dtype=np.int64).reshape(num_segments, num_modules)
+    rstart = np.asarray(plan.adapter_row_start, dtype=np.int64)
+    all_rows = np.asarray(plan.adapter_rows)
+    sorted_tok = np.asarray(plan.sorted_token_idx, dtype=np.int64)
+    # float64 on the host (the per-segment form's exact alpha), float32 on the device.
+    seg_scale = np.asarray([entries[a].seg_scale for a in seg_adapter.tolist()], dtype=np.float64)
+    seg_of_token = np.repeat(np.arange(num_segments), counts)
+
+    # Per module: kept segments, then the int32 pieces of every module in one host buffer.
+    keeps: list[np.ndarray | None] = []
+    pieces: list[np.ndarray] = []
+    for m in range(num_modules):
+        keep = np.flatnonzero((ranks[:, m] > 0) & (counts > 0))
+        if keep.size == 0:
+            keeps.append(None)
+            continue
+        keeps.append(keep)
+        k_ranks = ranks[keep, m]
+        k_starts = rstart[keep * num_modules + m]
+        total = int(k_ranks.sum())
+        offsets = np.concatenate([[0], np.cumsum(k_ranks)])
+        idx = np.repeat(k_starts - offsets[:-1], k_ranks) + np.arange(total)
+        pieces += [
+            all_rows[idx].astype(np.int32),
+            k_ranks.astype(np.int32),
+            offsets.astype(np.int32),
+        ]
+    if not pieces:
+        return dict.fromkeys(module_names)
+    lengths = [p.shape[0] for p in pieces]
+    buf = torch.from_numpy(np.concatenate(pieces)).to(device)
+    views = iter(torch.split(buf, lengths))
+    host = iter(pieces)
+
+    shared: dict[bytes, tuple] = {}  # kept segments -> (token_idx, seg_start, scales, host facts)
     result: dict[str, LoraBatch | None] = {}
-    for name in module_names:
-        keep = tuple(i for i in range(num_segments) if name in seg_entries[i].targets)
-        if keep not in by_set:
-            by_set[keep] = (
-                _make_batch(
-                    keep,
-                    sorted_token_idx,
-                    segment_start,
-                    adapter_rank,
-                    adapter_row_start,
-                    adapter_rows,
-                    [seg_entries[i].seg_scale for i in keep],
-                    device,
-                )
-                if keep
-                else None
+    for name, keep in zip(module_names, keeps, strict=True):
+        if keep is None:
+            result[name] = None
+            continue
+        key = keep.tobytes()
+        if key not in shared:
+            if keep.size == num_segments:
+                tok = sorted_tok
+            else:
+                mask = np.zeros(num_segments, dtype=bool)
+                mask[keep] = True
+                tok = sorted_tok[mask[seg_of_token]]
+            k_counts = counts[keep]
+            starts = np.concatenate([[0], np.cumsum(k_counts)]).astype(np.int32)
+            scales = seg_scale[keep]
+            shared[key] = (
+                torch.from_numpy(np.ascontiguousarray(tok)).to(device),
+                torch.from_numpy(starts).to(device),
+                torch.from_numpy(scales.astype(np.float32)).to(device),
+                tok,
+                tuple(starts.tolist()),
+                tuple(scales.tolist()),
+                int(k_counts.max()),
             )
-        result[name] = by_set[keep]
+        token_idx, starts_t, scales_t, tok_host, starts_host, scales_host, longest = shared[key]
+        rows_t, ranks_t, rstarts_t = next(views), next(views), next(views)
+        rows_h, ranks_h, rstarts_h = next(host), next(host), next(host)
+        result[name] = LoraBatch(
+            token_idx=token_idx,
+            seg_start=starts_t,
+            seg_rank=ranks_t,
+            seg_row_start=rstarts_t,
+            rows=rows_t,
+            seg_scale=scales_t,
+            seg_start_host=starts_host,
+            seg_rank_host=tuple(ranks_h.tolist()),
+            seg_row_start_host=tuple(rstarts_h.tolist()),
+            seg_scale_host=scales_host,
+            max_rank=int(ranks_h.max()),
+            max_seg_tokens=longest,
+            token_idx_host=tok_host,
+            rows_host=rows_h,
+        )
     return result
-
-
-def _make_batch(
-    keep: tuple[int, ...],
-    sorted_token_idx: np.ndarray,
-    segment_start: np.ndarray,
-    adapter_rank: np.ndarray,
-    adapter_row_start: np.ndarray,
-    adapter_rows: np.ndarray,
-    scales: list[float],
-    device: torch.device,
-) -> LoraBatch | None:
-    seg_start = np.asarray(segment_start, dtype=np.int64)
-    row_start = np.asarray(adapter_row_start, dtype=np.int64)
-    tok_parts = [sorted_token_idx[seg_start[i] : seg_start[i + 1]] for i in keep]
-    row_parts = [adapter_rows[row_start[i] : row_start[i + 1]] for i in keep]
-    counts = [len(p) for p in tok_parts]
-    if sum(counts) == 0:
-        return None
-    token_idx = np.concatenate(tok_parts).astype(np.int64, copy=False)
-    rows = np.concatenate(row_parts).astype(np.int32, copy=False)
-    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    ranks = np.asarray([int(adapter_rank[i]) for i in keep], dtype=np.int32)
-    rstarts = np.concatenate([[0], np.cumsum([len(p) for p in row_parts])]).astype(np.int32)
-    return LoraBatch(
-        token_idx=torch.from_numpy(token_idx).to(device),
-        seg_start=torch.from_numpy(starts).to(device),
-        seg_rank=torch.from_numpy(ranks).to(device),
-        seg_row_start=torch.from_numpy(rstarts).to(device),
-        rows=torch.from_numpy(rows).to(device),
-        seg_scale=torch.tensor(scales, dtype=torch.float32, device=device),
-        seg_start_host=tuple(int(v) for v in starts),
-        seg_rank_host=tuple(int(v) for v in ranks),
-        seg_row_start_host=tuple(int(v) for v in rstarts),
-        seg_scale_host=tuple(float(s) for s in scales),
-        max_rank=int(ranks.max()) if ranks.size else 0,
-        max_seg_tokens=max(counts),
-    )
 
 
 @dataclass

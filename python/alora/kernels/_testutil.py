@@ -1,5 +1,8 @@
 """Test helpers shared by the CPU (emulated) and GPU kernel tests: random batches with
-heterogeneous ranks, scattered pool rows and inactive tokens, and the float64 reference."""
+heterogeneous ranks, scattered pool rows and inactive tokens, and the float64 reference.
+Pools are contiguous, or (`Case.granularity`) laid out as the runtime's: overlapping strided
+views of one flat buffer per module, row id c at elements [c*g, c*g + in + out), NaN outside
+the rows in use."""
 
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ class Case:
     seed: int = 0
     form: str | None = None
     ks: int | None = None
+    granularity: int | None = None  # pools as strided views with this row stride (elements)
 
 
 @dataclass
@@ -76,6 +80,19 @@ def make_inputs(case: Case, device: torch.device | str = "cpu") -> Inputs:
         _tensor((r_pool, o), case.dtype, g, case.misalign, device, keep, 0.5)
         for o in case.out_features
     ]
+    row_ids = torch.arange(r_pool, dtype=torch.int32)
+    if case.granularity is not None:
+        gran = case.granularity
+        # One row step for every module, since the fused modules share row ids.
+        step = max(-(-(case.in_features + o) // gran) for o in case.out_features)
+        slots = torch.randperm(r_pool + 3, generator=g)[:r_pool]
+        row_ids = (slots * step).to(torch.int32)
+        views = [
+            _arena(a, b, gran, row_ids, case.misalign, keep)
+            for a, b in zip(a_pools, bt_pools, strict=True)
+        ]
+        a_pools = [v[0] for v in views]
+        bt_pools = [v[1] for v in views]
     ys = [_tensor((t, o), case.dtype, g, case.misalign, device, keep) for o in case.out_features]
 
     perm = torch.randperm(t, generator=g)
@@ -99,7 +116,7 @@ def make_inputs(case: Case, device: torch.device | str = "cpu") -> Inputs:
         seg_start=dev(torch.tensor(starts, dtype=torch.int32)),
         seg_rank=dev(torch.tensor(ranks, dtype=torch.int32)),
         seg_row_start=dev(torch.tensor(rstarts, dtype=torch.int32)),
-        rows=dev(row_perm[: sum(ranks)].clone()),
+        rows=dev(row_ids[row_perm[: sum(ranks)].long()].clone()),
         seg_scale=dev(torch.tensor(scales, dtype=torch.float32)),
         seg_start_host=tuple(starts),
         seg_rank_host=tuple(ranks),
@@ -111,17 +128,51 @@ def make_inputs(case: Case, device: torch.device | str = "cpu") -> Inputs:
     return Inputs(x, ys, a_pools, bt_pools, batch, dev(inactive_idx), keep)
 
 
+def _arena(
+    a_rows: torch.Tensor,
+    bt_rows: torch.Tensor,
+    gran: int,
+    row_ids: torch.Tensor,
+    misalign: bool,
+    keep: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views (a [R, in], bt [R, out], row stride `gran`) of a NaN-filled flat buffer where row
+    id row_ids[p] holds a_rows[p] then bt_rows[p]."""
+    d_in, d_out = a_rows.shape[1], bt_rows.shape[1]
+    w = d_in + d_out
+    top = int(row_ids.max()) if row_ids.numel() else 0
+    size = (top + 1) * gran + w + 5 * gran
+    off = 1 if misalign else 0
+    buf = torch.full((size + off,), float("nan"), dtype=a_rows.dtype, device=a_rows.device)
+    keep.append(buf)
+    flat = buf[off:]
+    ids = row_ids.to(device=buf.device, dtype=torch.int64)
+    idx = ids[:, None] * gran + torch.arange(w, device=buf.device)[None, :]
+    flat[idx.reshape(-1)] = torch.cat([a_rows, bt_rows], dim=1).reshape(-1)
+    rows = (size - w) // gran + 1
+    return (
+        flat.as_strided((rows, d_in), (gran, 1), flat.storage_offset()),
+        flat.as_strided((rows, d_out), (gran, 1), flat.storage_offset() + d_in),
+    )
+
+
 def reference_v(x: torch.Tensor, a_pool: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
     """float64 V [T_active, max_rank]; NaN where j >= rank of the token's segment."""
     v = torch.full((batch.num_active, max(1, batch.max_rank)), float("nan"), dtype=torch.float64)
-    x64, a64 = x.double().cpu(), a_pool.double().cpu()
+    x64 = x.double().cpu()
     tok, rows = batch.token_idx.cpu(), batch.rows.cpu().long()
     for s in range(batch.num_segments):
         t0, t1 = batch.seg_start_host[s], batch.seg_start_host[s + 1]
         r0, r1 = batch.seg_row_start_host[s], batch.seg_row_start_host[s + 1]
         if t1 > t0 and r1 > r0:
-            v[t0:t1, : r1 - r0] = x64[tok[t0:t1]] @ a64[rows[r0:r1]].t()
+            v[t0:t1, : r1 - r0] = x64[tok[t0:t1]] @ _rows64(a_pool, rows[r0:r1]).t()
     return v
+
+
+def _rows64(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` of a pool in float64 on the CPU, gathered first: a strided pool view would
+    be materialised whole by `.double()`."""
+    return pool.index_select(0, idx.to(pool.device)).double().cpu()
 
 
 def reference_y(
@@ -129,14 +180,15 @@ def reference_y(
 ) -> torch.Tensor:
     """float64 y + the LoRA delta, computed on the CPU."""
     out = y.double().cpu().clone()
-    x64, a64, b64 = x.double().cpu(), a_pool.double().cpu(), bt_pool.double().cpu()
+    x64 = x.double().cpu()
     tok, rows = batch.token_idx.cpu(), batch.rows.cpu().long()
     for s in range(batch.num_segments):
         t0, t1 = batch.seg_start_host[s], batch.seg_start_host[s + 1]
         r0, r1 = batch.seg_row_start_host[s], batch.seg_row_start_host[s + 1]
         if t1 > t0 and r1 > r0:
             idx = rows[r0:r1]
-            delta = (x64[tok[t0:t1]] @ a64[idx].t()) @ b64[idx] * batch.seg_scale_host[s]
+            a64, b64 = _rows64(a_pool, idx), _rows64(bt_pool, idx)
+            delta = (x64[tok[t0:t1]] @ a64.t()) @ b64 * batch.seg_scale_host[s]
             out.index_add_(0, tok[t0:t1], delta)
     return out
 

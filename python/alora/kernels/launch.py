@@ -142,6 +142,17 @@ def _aligned(*ts: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in ts)
 
 
+def _rows_aligned(*pools: torch.Tensor) -> bool:
+    """Every row of every pool starts 16-byte aligned: base and row stride both aligned."""
+    return all(p.data_ptr() % 16 == 0 and p.stride(0) * p.element_size() % 16 == 0 for p in pools)
+
+
+def row_stride(pool: torch.Tensor) -> int:
+    """A pool's row stride in elements (the kernels' lda / ldb): `pool.stride(0)`. The
+    runtime's pools are overlapping views of the KV cache, so this may be smaller than a row."""
+    return int(pool.stride(0))
+
+
 def _batch_args(batch: LoraBatch) -> tuple[np.uint64, ...]:
     return (
         _ptr(batch.token_idx),
@@ -165,7 +176,7 @@ def shrink_launch(
     tm, rpw = cfg["shrink_tm"], cfg["rpw"]
     in_f = x.shape[1]
     esz = x.element_size()
-    vec_ok = in_f * esz % 16 == 0 and _aligned(x, *a_pools)
+    vec_ok = in_f * esz % 16 == 0 and _aligned(x) and _rows_aligned(*a_pools)
     if threads is None:  # one warp per RPW rank rows, up to 8 warps
         threads = 32 * max(1, min(8, math.ceil(plan.ldv / rpw)))
     _, extent = _tiles(batch, tm)
@@ -182,6 +193,7 @@ def shrink_launch(
             *_batch_args(batch),
             _ptr(vp),
             _i32(in_f),
+            *(_i32(row_stride(p) if p is not None else 0) for p in pools),
             _i32(plan.ldv),
             _i32(plan.ks),
             _i32(plan.t_active),
@@ -221,7 +233,7 @@ def expand_launch(
     ct2 = tiles[0] + tiles[1] if len(ys) > 2 else ct_total
     vec_mask = 0
     for m, (y, bt) in enumerate(zip(ys, bt_pools, strict=True)):
-        if y.shape[1] * esz % 16 == 0 and _aligned(y, bt):
+        if y.shape[1] * esz % 16 == 0 and _aligned(y) and _rows_aligned(bt):
             vec_mask |= 1 << m
     pad: list[torch.Tensor | None] = [None] * (MAX_FUSED - len(ys))
     return Launch(
@@ -233,6 +245,7 @@ def expand_launch(
             *(_ptr(y) for y in [*ys, *pad]),
             *(_ptr(b) for b in [*bt_pools, *pad]),
             *(_i32(y.shape[1] if y is not None else 0) for y in [*ys, *pad]),
+            *(_i32(row_stride(b) if b is not None else 0) for b in [*bt_pools, *pad]),
             _i32(ct1),
             _i32(ct2),
             _i32(ct_total),
@@ -256,6 +269,23 @@ def _check_tensor(t: torch.Tensor, what: str, dtype: torch.dtype, device: torch.
         raise ValueError(f"{what} must be contiguous")
 
 
+def _check_pool(t: torch.Tensor, what: str, dtype: torch.dtype, device: torch.device) -> None:
+    """A pool is any 2-D view with unit column stride and a positive row stride (the
+    runtime's are overlapping strided views of the KV cache)."""
+    if t.dtype != dtype:
+        raise TypeError(f"{what} must be {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{what} is on {t.device}, expected {device}")
+    if t.dim() != 2:
+        raise ValueError(f"{what} must be 2-D, got shape {tuple(t.shape)}")
+    if t.shape[0] > 1 and t.shape[1] > 1 and (t.stride(1) != 1 or t.stride(0) < 1):
+        raise ValueError(f"{what} must have unit column stride and a positive row stride")
+    if t.shape[0] <= 1 and t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{what} must have unit column stride")
+    if t.stride(0) > _INT32_MAX:
+        raise ValueError(f"{what} row stride {t.stride(0)} exceeds the kernels' 32-bit strides")
+
+
 def validate(
     ys: Sequence[torch.Tensor],
     x: torch.Tensor,
@@ -273,10 +303,11 @@ def validate(
     _check_tensor(x, "x", dt, dev)
     t, in_f = x.shape
     for m, (y, a, b) in enumerate(zip(ys, a_pools, bt_pools, strict=True)):
-        for what, ten in ((f"ys[{m}]", y), (f"a_pools[{m}]", a), (f"bt_pools[{m}]", b)):
-            if ten.dim() != 2:
-                raise ValueError(f"{what} must be 2-D, got shape {tuple(ten.shape)}")
-            _check_tensor(ten, what, dt, dev)
+        if y.dim() != 2:
+            raise ValueError(f"ys[{m}] must be 2-D, got shape {tuple(y.shape)}")
+        _check_tensor(y, f"ys[{m}]", dt, dev)
+        _check_pool(a, f"a_pools[{m}]", dt, dev)
+        _check_pool(b, f"bt_pools[{m}]", dt, dev)
         if y.shape[0] != t:
             raise ValueError(f"ys[{m}] has {y.shape[0]} rows, x has {t}")
         if a.shape[1] != in_f:
@@ -427,7 +458,12 @@ class CudaBackend:
         batch: LoraBatch,
     ) -> None:
         """For each module m and active token t of segment a:
-        ys[m][t] += scale(a) * (x[t] @ a_pools[m][rows(a)]^T) @ bt_pools[m][rows(a)]."""
+        ys[m][t] += scale(a) * (x[t] @ a_pools[m][rows(a)]^T) @ bt_pools[m][rows(a)].
+
+        Pools are 2-D with unit column stride and any row stride (each pool's `stride(0)`
+        goes to the kernels as its own lda / ldb), so the runtime's overlapping views of the
+        KV cache run in place. The fused modules share the batch, hence the row ids: the
+        runtime's modules each have their own rows, so it calls `add_lora` per module."""
         if x.dtype not in DTYPE_SUFFIX:
             for y, a, b in zip(ys, a_pools, bt_pools, strict=True):
                 self._fallback.add_lora(y, x, a, b, batch)
