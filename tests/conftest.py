@@ -85,7 +85,12 @@ class ArchSetup:
     def runtime(self, **kwargs: object):  # type: ignore[no-untyped-def]
         from alora import AdapterRuntime
 
-        opts: dict = dict(block_size=4, kv_cache_blocks=256, adapter_rows=64, max_batch_tokens=64)
+        opts: dict = dict(block_size=4, max_batch_tokens=64)
+        if "device_memory" not in kwargs:  # else one pool, no caps unless given
+            if "kv_cache_memory" not in kwargs:
+                opts["kv_cache_blocks"] = 256
+            if "adapter_memory" not in kwargs:
+                opts["adapter_rows"] = 64
         opts.update(kwargs)
         rt = AdapterRuntime(self.model, **opts)
         for name in self.adapter_names:

@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from alora import _core
 
 HIDDEN, INTER, LAYERS = 32, 48, 2
+KV_DIM = HIDDEN // 2  # 2 KV heads of 8
 MODULES = [
     ("q_proj", "self_attn.q_proj", HIDDEN, HIDDEN),
     ("k_proj", "self_attn.k_proj", HIDDEN, HIDDEN // 2),
@@ -34,9 +35,9 @@ def engine(**kw: int) -> _core.Engine:
         modules=MODULES,
         block_size=4,
         num_blocks=32,
+        kv_dim=KV_DIM,
         max_batch_tokens=64,
         max_num_seqs=8,
-        adapter_rows=64,
         max_model_len=128,
     )
     args.update(kw)
@@ -97,20 +98,26 @@ def test_loads_peft_directory_with_zero_copy_views(peft_dir: Path) -> None:
     assert info.target_modules == ["q_proj", "v_proj", "down_proj"]
     assert info.module_rank(0, "down_proj") == 2
     assert info.module_rank(1, "k_proj") == 0
-    assert info.weights(0, "k_proj") is None
+    assert info.module_ranks == [4, 0, 4, 0, 0, 0, 2]
+    assert info.segment_scale == pytest.approx(8 / 2)
     assert info.scale(0, "q_proj") == pytest.approx(8 / 4)
     assert info.scale(0, "down_proj") == pytest.approx(8 / 2)
+    # Registration read only the header: the weights come from read_adapter_weights.
+    assert e.stats()["host_bytes"] == 0
+    weights = _core.read_adapter_weights(info)
+    assert weights.bytes == info.host_bytes > 0
+    assert weights.weights(0, "k_proj") is None
     saved = tensors_of(peft_dir)
     for layer in range(LAYERS):
-        a, b = info.weights(layer, "q_proj")
+        a, b = weights.weights(layer, "q_proj")
         np.testing.assert_array_equal(a, saved[f"{PREFIX}.{layer}.self_attn.q_proj.lora_A.weight"])
         np.testing.assert_array_equal(b, saved[f"{PREFIX}.{layer}.self_attn.q_proj.lora_B.weight"])
-    # Views of Rust memory: read-only, same buffer on every call, alive beyond the info object.
-    a1, _ = info.weights(0, "q_proj")
-    a2, _ = e.adapter("judge").weights(0, "q_proj")
+    # Views of Rust memory: read-only, same buffer on every call, alive beyond the object.
+    a1, _ = weights.weights(0, "q_proj")
+    a2, _ = weights.weights(0, "q_proj")
     assert not a1.flags.writeable and not a1.flags.owndata
     assert np.shares_memory(a1, a2)
-    del info
+    del weights
     assert a1.sum() == pytest.approx(saved[f"{PREFIX}.0.self_attn.q_proj.lora_A.weight"].sum())
     with pytest.raises(ValueError):
         a1[0, 0] = 1.0
@@ -126,7 +133,7 @@ def test_half_precision_storage(peft_dir: Path, tmp_path: Path) -> None:
             str(d / "adapter_model.safetensors"),
         )
         info = engine().load_adapter("h", str(d))
-        a, _ = info.weights(1, "v_proj")
+        a, _ = _core.read_adapter_weights(info).weights(1, "v_proj")
         ref = tensors_of(peft_dir)[f"{PREFIX}.1.self_attn.v_proj.lora_A.weight"]
         np.testing.assert_array_equal(a, ref.astype(dt).astype(np.float32))
 
@@ -136,7 +143,10 @@ def test_load_from_tensors_matches_directory(peft_dir: Path) -> None:
     cfg = (peft_dir / "adapter_config.json").read_text()
     info = e.load_adapter_from_tensors("mem", cfg, tensors_of(peft_dir))
     ref = engine().load_adapter("dir", str(peft_dir))
-    np.testing.assert_array_equal(info.weights(1, "down_proj")[1], ref.weights(1, "down_proj")[1])
+    mem_w = _core.read_adapter_weights(info).weights(1, "down_proj")
+    dir_w = _core.read_adapter_weights(ref).weights(1, "down_proj")
+    assert mem_w is not None and dir_w is not None
+    np.testing.assert_array_equal(mem_w[1], dir_w[1])
     assert [a.name for a in e.adapters()] == ["mem"]
 
 
@@ -245,7 +255,7 @@ def test_bad_adapters_raise_typed_errors_and_change_nothing(peft_dir: Path, tmp_
 def test_shape_error_names_tensor_and_both_shapes(peft_dir: Path) -> None:
     wrong = [(n, p, i * 2, o) for n, p, i, o in MODULES]  # a model with another hidden size
     with pytest.raises(_core.AdapterShapeError) as err:
-        engine(modules=wrong).load_adapter("x", str(peft_dir))
+        engine(modules=wrong, block_size=8).load_adapter("x", str(peft_dir))
     msg = str(err.value)
     assert "lora_A.weight" in msg and "[4, 32]" in msg and "[4, 64]" in msg
 
@@ -257,6 +267,11 @@ def test_plan_and_commit_roundtrip(peft_dir: Path) -> None:
     judged = e.add_request(
         [1, 2, 3, 4, 5, 6, 7], adapter="judge", max_new_tokens=1, stop_token_ids=[0]
     )
+    # The adapter's weights are on disk: the engine asks for them before it plans the call.
+    info = e.adapter("judge")
+    assert e.pending_fetches() == [info.id]
+    e.install_weights(info.id, _core.read_adapter_weights(info))
+    assert e.pending_fetches() == [] and e.stats()["host_adapters"] == 1
     p = e.schedule()
     assert p.num_seqs == 2 and p.num_tokens == 12
     assert p.input_ids.dtype == np.int64 and p.block_tables.dtype == np.int32
@@ -266,7 +281,10 @@ def test_plan_and_commit_roundtrip(peft_dir: Path) -> None:
     # aLoRA: only tokens from the invocation (position 4) on get LoRA.
     assert list(p.token_adapter_slot) == [-1] * 5 + [-1] * 4 + [0] * 3
     assert list(p.sorted_token_idx) == [9, 10, 11]
-    assert [aid for aid, _ in p.adapter_loads] == [e.adapter("judge").id]
+    ((aid, row_start, rows, bt_rows, weights),) = p.adapter_loads
+    assert aid == weights.adapter_id == info.id
+    assert list(np.diff(row_start)) == info.module_ranks and len(rows) == len(bt_rows)
+    assert list(p.adapter_rank) == info.module_ranks  # one segment, per module
     assert list(p.sample_seqs) == [0, 1]
     with pytest.raises(_core.StepError):
         e.commit(p.step_id, [1])
@@ -305,8 +323,8 @@ def test_bad_requests_change_nothing() -> None:
 
 
 def test_adapter_larger_than_pool_is_refused(peft_dir: Path) -> None:
-    e = engine(adapter_rows=2, page_rows=2)
-    with pytest.raises(_core.CapacityError, match="adapter_rows"):
+    e = engine(adapter_block_cap=1)
+    with pytest.raises(_core.CapacityError, match="raise device_memory"):
         e.load_adapter("big", str(peft_dir))
     assert e.adapters() == []
 

@@ -33,6 +33,7 @@ def test_hooks_follow_the_step_targets(tmp_path: Path) -> None:
         assert _hooked(model) == set()
         with_qv = rt.generate([prompt], "qv", max_new_tokens=4, return_logits=True)[0]
         assert _hooked(model) == {"q_proj", "v_proj"}
+        rt.generate([prompt], "mlp", max_new_tokens=1)  # read from disk: the two now batch
         both = rt.generate([prompt, prompt], ["qv", "mlp"], max_new_tokens=4)
         assert _hooked(model) == {"q_proj", "v_proj", "up_proj"}
         # Base again: the hooks leave, and outputs are unchanged by their coming and going.

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import INV1, INV2, ArchSetup
@@ -114,11 +115,16 @@ def _inject(
     if stage == "page_in":
         real_load = AdapterPools.load
 
-        def load(self: AdapterPools, entry: Any, rows: Any) -> None:
-            real_load(self, entry, rows)
+        def load(
+            self: AdapterPools, entry: Any, row_start: Any, rows: Any, bt_rows: Any, w: Any
+        ) -> None:
+            real_load(self, entry, row_start, rows, bt_rows, w)
             if once():
-                for name in self.a:  # rows half written, then the interrupt
-                    self.a[name][:, rows[: len(rows) // 2]] = 7.0
+                # Rows half written, then the interrupt: garbage over half the A rows.
+                half = np.asarray(rows[: len(rows) // 2], dtype=np.int64)
+                g = self.granularity
+                idx = torch.from_numpy(half * g)
+                self.cache.kv.view(self.cache.num_layers, -1)[:, idx] = 7.0
                 raise fault
 
         monkeypatch.setattr(AdapterPools, "load", load)
@@ -447,8 +453,16 @@ def test_non_finite_weights_and_out_of_vocab_invocations_are_refused(
     save_file(tensors, str(path / "adapter_model.safetensors"))
     rt = _runtime(setup)
     try:
-        with pytest.raises(alora.AdapterFormatError, match="non-finite"):
-            rt.load_adapter("nan", path)
+        # Registration reads only the header; the values are checked when first read, and
+        # the requests waiting for them fail alone with the typed error.
+        rt.load_adapter("nan", path)
+        ids = [5, 6, 7, 8]
+        bad, good = rt.generate([ids, ids], ["nan", None], max_new_tokens=2)
+        assert bad.finish_reason == "error"
+        assert isinstance(bad.error, alora.AdapterFormatError)
+        assert "non-finite" in str(bad.error)
+        assert good.finish_reason == "length" and len(good.token_ids) == 2
+        rt.unload_adapter("nan")
         cfg = json.loads((setup.dirs["alora_qv"] / "adapter_config.json").read_text())  # type: ignore[operator]
         cfg["alora_invocation_tokens"] = [5, 100_000]
         with pytest.raises(alora.ConfigError, match="alora_invocation_tokens"):

@@ -13,10 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from alora.attention import build_attention_metadata, paged_attention
-from alora.backend import TorchBackend
 from alora.kv_cache import PagedKVCache
-from alora.lora import AdapterEntry, AdapterPools, build_lora_batches
-from alora.model import ModelGeometry, ModuleSpec
+from alora.lora import build_lora_batches
 from alora.plan import AttentionPlan, LoraPlan
 from alora.sampling import SampleRequest, SamplingParams, sample_batch
 
@@ -165,104 +163,6 @@ def test_copy_prefixes_gathers_before_scattering() -> None:
         cache.copy_prefixes(torch.tensor([0]), torch.tensor([1]), torch.tensor([5]))
 
 
-class _FakeInfo:
-    """Stands in for the engine's AdapterInfo: per-(layer, module) weights and scales."""
-
-    def __init__(self, weights: dict, scales: dict, rank: int, adapter_id: int) -> None:
-        self._w, self._s, self.rank, self.id = weights, scales, rank, adapter_id
-
-    def weights(self, layer: int, module: str):  # type: ignore[no-untyped-def]
-        return self._w.get((layer, module))
-
-    def scale(self, layer: int, module: str) -> float:
-        return self._s.get((layer, module), 0.0)
-
-    def module_rank(self, layer: int, module: str) -> int:
-        w = self._w.get((layer, module))
-        return 0 if w is None else w[0].shape[0]
-
-
-def _geometry() -> ModelGeometry:
-    return ModelGeometry(
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=4,
-        vocab_size=16,
-        max_model_len=64,
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        modules=(ModuleSpec("q_proj", "self_attn.q_proj", 6, 8), ModuleSpec("v_proj", "v", 6, 4)),
-    )
-
-
-def test_pools_and_batches_match_dense_lora() -> None:
-    """Heterogeneous ranks and per-module scales folded into Bt rows; modules an adapter does
-    not target are filtered out of that module's batch; base tokens stay untouched."""
-    rng = np.random.default_rng(0)
-    geo = _geometry()
-    pools = AdapterPools(geo, rows=16, dtype=torch.float32, device=torch.device("cpu"))
-
-    def w(r: int, i: int, o: int) -> tuple[np.ndarray, np.ndarray]:
-        a = rng.standard_normal((r, i)).astype(np.float32)
-        b = rng.standard_normal((o, r)).astype(np.float32)
-        a.setflags(write=False)  # the engine's views are read-only
-        b.setflags(write=False)
-        return a, b
-
-    # Adapter 7: q_proj rank 3 in layer 0 only (scale 2.0), rank 2 in layer 1 (scale 0.5),
-    # pool rank 3. Adapter 9: v_proj only, rank 4, scale 1.5.
-    w7 = {(0, "q_proj"): w(3, 6, 8), (1, "q_proj"): w(2, 6, 8)}
-    s7 = {(0, "q_proj"): 2.0, (1, "q_proj"): 0.5}
-    w9 = {(0, "v_proj"): w(4, 6, 4), (1, "v_proj"): w(4, 6, 4)}
-    s9 = {(0, "v_proj"): 1.5, (1, "v_proj"): 1.5}
-    e7 = AdapterEntry(_FakeInfo(w7, s7, 3, 7), 2.0, frozenset({"q_proj"}))  # type: ignore[arg-type]
-    e9 = AdapterEntry(_FakeInfo(w9, s9, 4, 9), 1.5, frozenset({"v_proj"}))  # type: ignore[arg-type]
-    pools.a["q_proj"].fill_(7.0)  # stale rows must be overwritten, zeros included
-    pools.bt["q_proj"].fill_(7.0)
-    rows7 = np.array([5, 1, 12], dtype=np.int32)
-    rows9 = np.array([0, 8, 9, 3], dtype=np.int32)
-    pools.load(e7, rows7)
-    pools.load(e9, rows9)
-
-    T = 7
-    # Tokens 0, 3 base; 1, 4, 6 adapter 7; 2, 5 adapter 9.
-    batches = build_lora_batches(
-        LoraPlan(
-            sorted_token_idx=np.array([1, 4, 6, 2, 5]),
-            segment_start=np.array([0, 3, 5], dtype=np.int32),
-            segment_adapter=np.array([7, 9], dtype=np.uint64),
-            adapter_rank=np.array([3, 4], dtype=np.int32),
-            adapter_row_start=np.array([0, 3, 7], dtype=np.int32),
-            adapter_rows=np.concatenate([rows7, rows9]),
-        ),
-        entries={7: e7, 9: e9},
-        module_names=["q_proj", "v_proj"],
-        device=torch.device("cpu"),
-    )
-    assert batches["q_proj"] is not None and batches["q_proj"].num_segments == 1
-    assert batches["v_proj"] is not None and batches["v_proj"].seg_rank_host == (4,)
-    backend = TorchBackend()
-    for layer in range(2):
-        for name, out_f, tokens, weights, scales in (
-            ("q_proj", 8, [1, 4, 6], w7, s7),
-            ("v_proj", 4, [2, 5], w9, s9),
-        ):
-            x = torch.randn(T, 6, dtype=torch.float32)
-            y = torch.randn(T, out_f, dtype=torch.float32)
-            y0 = y.clone()
-            backend.add_lora(y, x, pools.a[name][layer], pools.bt[name][layer], batches[name])
-            expected = y0.clone()
-            a, b = weights[(layer, name)]
-            delta = (
-                (x.double() @ torch.from_numpy(a.copy()).double().t())
-                @ torch.from_numpy(b.copy()).double().t()
-                * scales[(layer, name)]
-            )
-            expected[tokens] += delta[tokens].float()
-            torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
-
-
 def test_no_segments_means_no_batches() -> None:
     batches = build_lora_batches(
         LoraPlan(
@@ -272,6 +172,7 @@ def test_no_segments_means_no_batches() -> None:
             adapter_rank=np.zeros(0, dtype=np.int32),
             adapter_row_start=np.zeros(1, dtype=np.int32),
             adapter_rows=np.zeros(0, dtype=np.int32),
+            adapter_bt_rows=np.zeros(0, dtype=np.int32),
         ),
         entries={},
         module_names=["q_proj"],

@@ -12,6 +12,7 @@ from conftest import INV1, ArchSetup
 
 import alora
 from alora import AdapterRuntime
+from alora.model import introspect
 from alora.testing import (
     make_peft_adapter,
     make_peft_state_dict,
@@ -157,10 +158,16 @@ def test_unload_busy_adapter_and_abort(rt: AdapterRuntime) -> None:
 def test_adapter_larger_than_pool(tmp_path: Path) -> None:
     model = tiny_model("llama")
     path = make_peft_adapter(model, tmp_path / "big", "lora", r=32, targets=("q_proj",))
-    with AdapterRuntime(model, kv_cache_blocks=16, adapter_rows=16) as rt:
-        with pytest.raises(alora.CapacityError, match="adapter_rows"):
+    unit = introspect(model).kv_bytes_per_block(16)
+    # 32 rank rows of q (A and Bt, 64 elements each) take 4 units of 2 x 16 x 32 elements.
+    with AdapterRuntime(model, kv_cache_blocks=16, adapter_memory=3 * unit) as rt:
+        with pytest.raises(alora.CapacityError, match="needs 4 memory units"):
             rt.load_adapter("big", path)
         assert rt.adapters == {}
+    with AdapterRuntime(model, kv_cache_blocks=16, adapter_memory=4 * unit) as rt:
+        rt.load_adapter("big", path)
+        assert rt.generate([[5, 6, 7]], "big", max_new_tokens=1)[0].finish_reason == "length"
+        assert rt.stats()["adapter_blocks"] == 4
 
 
 def test_failed_forward_releases_everything(rt: AdapterRuntime) -> None:

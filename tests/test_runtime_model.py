@@ -115,20 +115,37 @@ def test_eager_model_is_supported_and_restored() -> None:
 def test_sizing_defaults_and_memory_options() -> None:
     model = tiny_model("llama")
     geo = introspect(model)
+    per_unit = geo.kv_bytes_per_block(16)
+    per_row = geo.adapter_bytes_per_row()
     with AdapterRuntime(model, max_num_seqs=4) as rt:
         stats = rt.stats()
-        # Enough for max_num_seqs full-length sequences (256 positions, 16-token blocks).
-        assert stats["total_blocks"] == 4 * 256 // 16
-        assert stats["total_adapter_rows"] == 1024
+        # KV for max_num_seqs full-length sequences (256 positions, 16-token blocks), plus
+        # the old default adapter budget of 1024 rows; one pool, no caps.
+        kv_units = 4 * 256 // 16
+        adapter_units = -(-1024 * per_row // per_unit)
+        assert stats["total_blocks"] == kv_units + adapter_units
+        assert stats["kv_block_cap"] == stats["adapter_block_cap"] == stats["total_blocks"]
+        assert rt.device_memory_bytes == stats["total_blocks"] * per_unit
     per_block = geo.kv_bytes_per_block(8)
-    per_row = geo.adapter_bytes_per_row()
+    # Two explicit budgets: two fixed caps adding up to the pool (the classic design).
     with AdapterRuntime(
-        model, block_size=8, kv_cache_memory=10 * per_block + 5, adapter_memory=24 * per_row
+        model, block_size=8, kv_cache_memory=10 * per_block + 5, adapter_memory=6 * per_block
     ) as rt:
-        assert rt.stats()["total_blocks"] == 10
-        assert rt.stats()["total_adapter_rows"] == 24
-        assert rt.kv_cache_bytes == 10 * per_block
-        assert rt.adapter_pool_bytes == 24 * per_row
+        stats = rt.stats()
+        assert (stats["total_blocks"], stats["kv_block_cap"], stats["adapter_block_cap"]) == (
+            16,
+            10,
+            6,
+        )
+        assert rt.device_memory_bytes == 16 * per_block
+    # One budget for both.
+    with AdapterRuntime(model, block_size=8, device_memory=32 * per_block) as rt:
+        stats = rt.stats()
+        assert (stats["total_blocks"], stats["kv_block_cap"], stats["adapter_block_cap"]) == (
+            32,
+            32,
+            32,
+        )
     with pytest.raises(ValueError, match="not both"):
         AdapterRuntime(model, kv_cache_blocks=4, kv_cache_memory=1 << 20)
     with pytest.raises(ValueError, match="holds no KV block"):

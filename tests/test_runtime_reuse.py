@@ -137,14 +137,20 @@ def test_outputs_independent_of_cache_eviction_preemption_and_chunking(
 ) -> None:
     setup = arch_setup("granite")
     reqs = _conversation_workload(5)
+    with setup.runtime() as probe:
+        units = [probe.engine.adapter_units(name) for name in probe.adapters]
+        unit_bytes = probe.device_memory_bytes // probe.stats()["total_blocks"]
+    assert len(units) == 4
     configs = {
         "cached": dict(),
         "uncached": dict(enable_prefix_cache=False),
         # 12 blocks of 4 tokens: requests of up to ~40 tokens must evict cached blocks and
         # preempt each other.
         "tiny_pool": dict(kv_cache_blocks=12, max_num_seqs=8),
-        # 16 rows: the four adapters (ranks 4, 8, 6, 8) cannot all be resident.
-        "few_rows": dict(adapter_rows=16, page_rows=4),
+        # Room for the largest adapter only: the four cannot all be resident.
+        "few_units": dict(adapter_memory=max(units) * unit_bytes),
+        # One small pool: KV blocks and adapters evict each other.
+        "one_pool": dict(device_memory=(12 + max(units)) * unit_bytes, max_num_seqs=8),
         "chunk8": dict(max_batch_tokens=8),
         "chunk16": dict(max_batch_tokens=16),
         "chunk64_bs16": dict(max_batch_tokens=64, block_size=16),
@@ -167,4 +173,5 @@ def test_outputs_independent_of_cache_eviction_preemption_and_chunking(
     assert sum(r.cached_tokens for r in runs["cached"]) > 0
     assert sum(r.cached_tokens for r in runs["uncached"]) == 0
     assert stats["tiny_pool"]["preemptions"] > 0
-    assert stats["few_rows"]["adapter_evictions"] > 0
+    assert stats["few_units"]["adapter_evictions"] > 0
+    assert stats["one_pool"]["adapter_evictions"] > 0

@@ -52,31 +52,41 @@ def make_cache(geo: ModelGeometry, num_blocks: int, block_size: int, dtype=torch
 
 
 def granularity(cache: PagedKVCache, geo: ModelGeometry) -> int:
-    return math.gcd(cache.P, *(m.in_features + m.out_features for m in geo.modules))
+    widths = [w for m in geo.modules for w in (m.in_features, m.out_features)]
+    return math.gcd(cache.P, *widths)
 
 
 def place(
     cache: PagedKVCache, geo: ModelGeometry, g: int, units: list[int], ranks: list[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pack an adapter's rows (ranks[m] per module) into `units` (their K parts, then V
-    parts), as the core would: (row_start int32[M + 1], rows int32[sum ranks])."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pack an adapter's A and Bt rows (ranks[m] of each per module) into `units` (their K
+    parts, then V parts), each row inside one part, as the core would:
+    (row_start int32[M + 1], A rows, Bt rows)."""
     regions = [(u * cache.P, cache.P) for u in units] + [
         (cache.S + u * cache.P, cache.P) for u in units
     ]
     ri, used = 0, 0
+
+    def take(w: int) -> int:
+        nonlocal ri, used
+        while regions[ri][1] - used < w:
+            ri, used = ri + 1, 0
+            if ri == len(regions):
+                raise ValueError("adapter does not fit its units")
+        at = (regions[ri][0] + used) // g
+        used += w
+        return at
+
     rows: list[int] = []
+    bt_rows: list[int] = []
     starts = [0]
     for m, spec in enumerate(geo.modules):
-        w = spec.in_features + spec.out_features
         for _ in range(ranks[m]):
-            while regions[ri][1] - used < w:
-                ri, used = ri + 1, 0
-                if ri == len(regions):
-                    raise ValueError("adapter does not fit its units")
-            rows.append((regions[ri][0] + used) // g)
-            used += w
+            rows.append(take(spec.in_features))
+            bt_rows.append(take(spec.out_features))
         starts.append(len(rows))
-    return np.asarray(starts, dtype=np.int32), np.asarray(rows, dtype=np.int32)
+    as32 = lambda v: np.asarray(v, dtype=np.int32)  # noqa: E731
+    return as32(starts), as32(rows), as32(bt_rows)
 
 
 def units_needed(cache: PagedKVCache, geo: ModelGeometry, ranks: list[int]) -> int:
@@ -159,19 +169,20 @@ def test_views_address_the_contract_elements() -> None:
     cache = make_cache(geo, num_blocks=5, block_size=4)
     assert (cache.P, cache.S, cache.unit_elems) == (4 * 2 * 4, 5 * 32, 32)
     g = granularity(cache, geo)
-    assert g == 8
+    assert g == 2
     a, bt = cache.row_views(6, 10, g)
-    rows = (2 * cache.S - 16) // g + 1
-    assert tuple(a.shape) == (3, rows, 6) and tuple(bt.shape) == (3, rows, 10)
+    a_rows, bt_rows = (2 * cache.S - 6) // g + 1, (2 * cache.S - 10) // g + 1
+    assert tuple(a.shape) == (3, a_rows, 6) and tuple(bt.shape) == (3, bt_rows, 10)
     assert a.stride() == (2 * cache.S, g, 1) and bt.stride() == (2 * cache.S, g, 1)
     cache.kv.copy_(torch.arange(cache.kv.numel(), dtype=torch.float32).view_as(cache.kv))
     for layer in range(3):
         flat = cache.kv[layer].reshape(-1)
-        for c in (0, 1, 7, rows - 1):
+        for c in (0, 1, 7, a_rows - 1):
             assert torch.equal(a[layer, c], flat[c * g : c * g + 6])
-            assert torch.equal(bt[layer, c], flat[c * g + 6 : c * g + 16])
+        for c in (0, 1, 7, bt_rows - 1):
+            assert torch.equal(bt[layer, c], flat[c * g : c * g + 10])
     # The last row id ends exactly inside the layer's arena.
-    assert (rows - 1) * g + 16 <= 2 * cache.S < rows * g + 16
+    assert (bt_rows - 1) * g + 10 <= 2 * cache.S < bt_rows * g + 10
 
 
 def test_geometry_errors() -> None:
@@ -180,19 +191,24 @@ def test_geometry_errors() -> None:
     with pytest.raises(ValueError, match="must divide"):
         cache.row_views(6, 10, 3)
     with pytest.raises(ValueError, match="raise block_size"):
-        cache.row_views(10, 10, 4)
+        cache.row_views(20, 10, 2)
     with pytest.raises(ValueError, match="positive integer"):
         cache.row_views(6, 10, 0)
+    ids = lambda *v: np.array(v, dtype=np.int32)  # noqa: E731
     z = torch.zeros(1, 1, 6), torch.zeros(1, 1, 10)
     with pytest.raises(ValueError, match="straddles"):
-        cache.write_rows(6, 10, 8, np.array([1], dtype=np.int32), *z)  # [8, 24) crosses 16
+        cache.write_rows(6, 10, 2, ids(6), ids(8), *z)  # A at [12, 18) crosses 16
     with pytest.raises(ValueError, match="range"):
-        cache.write_rows(6, 10, 8, np.array([99], dtype=np.int32), *z)
+        cache.write_rows(6, 10, 2, ids(99), ids(8), *z)
+    with pytest.raises(ValueError, match="overlap"):
+        cache.write_rows(6, 10, 2, ids(8), ids(8), *z)  # A and Bt rows on top of each other
     two = torch.zeros(1, 2, 6), torch.zeros(1, 2, 10)
     with pytest.raises(ValueError, match="overlap"):
-        cache.write_rows(6, 10, 8, np.array([2, 2], dtype=np.int32), *two)
+        cache.write_rows(6, 10, 2, ids(0, 0), ids(8, 16), *two)
     with pytest.raises(ValueError, match=r"a_rows must be \[1, 1, 6\]"):
-        cache.write_rows(6, 10, 8, np.array([2], dtype=np.int32), *two)
+        cache.write_rows(6, 10, 2, ids(0), ids(8), *two)
+    with pytest.raises(ValueError, match="1 A row ids but 2 Bt row ids"):
+        cache.write_rows(6, 10, 2, ids(0), ids(8, 16), *z)
 
 
 def test_write_rows_is_one_indexing_op_per_module() -> None:
@@ -200,13 +216,13 @@ def test_write_rows_is_one_indexing_op_per_module() -> None:
 
     geo = make_geometry([(8, 8)], layers=4, kv_heads=2, head_dim=4)
     cache = make_cache(geo, num_blocks=6, block_size=4)
-    rows = np.array([2, 5, 9], dtype=np.int32)
+    rows, bt_rows = np.array([2, 5, 9], dtype=np.int32), np.array([3, 6, 10], dtype=np.int32)
     with profile() as prof:
-        cache.write_rows(8, 8, 16, rows, torch.ones(4, 3, 8), torch.ones(4, 3, 8))
+        cache.write_rows(8, 8, 8, rows, bt_rows, torch.ones(4, 3, 8), torch.full((4, 3, 8), 2.0))
     counts = {e.key: e.count for e in prof.key_averages()}
     assert counts.get("aten::index_copy_") == 1
-    a, bt = cache.row_views(8, 8, 16)
-    assert bool((a[:, rows] == 1).all()) and bool((bt[:, rows] == 1).all())
+    a, bt = cache.row_views(8, 8, 8)
+    assert bool((a[:, rows] == 1).all()) and bool((bt[:, bt_rows] == 2).all())
 
 
 # ------------------------------------------------------------------------------ page-in
@@ -227,13 +243,14 @@ def test_page_in_round_trip_and_zero_rows() -> None:
     )
     assert ad.module_ranks == [3, 2, 0] and ad.segment_scale == 4.0
     cache.kv.fill_(float("nan"))  # stale KV where the adapter goes
-    starts, rows = place(cache, geo, g, [5, 2], ad.module_ranks)
-    pools.load(AdapterEntry.from_info(ad, ["m0", "m1", "m2"]), starts, rows, ad)
+    starts, rows, bt_rows = place(cache, geo, g, [5, 2], ad.module_ranks)
+    pools.load(AdapterEntry.from_info(ad, ["m0", "m1", "m2"]), starts, rows, bt_rows, ad)
     for m, spec in enumerate(geo.modules):
         mrows = torch.from_numpy(rows[starts[m] : starts[m + 1]].astype(np.int64))
+        mbt = torch.from_numpy(bt_rows[starts[m] : starts[m + 1]].astype(np.int64))
         for layer in range(geo.num_layers):
             a = pools.a[spec.name][layer].index_select(0, mrows)
-            bt = pools.bt[spec.name][layer].index_select(0, mrows)
+            bt = pools.bt[spec.name][layer].index_select(0, mbt)
             want_a = torch.zeros_like(a)
             want_bt = torch.zeros_like(bt)
             w = ad.weights(layer, spec.name)
@@ -257,12 +274,15 @@ def test_entry_from_info_uses_summaries_only() -> None:
 def test_load_refuses_bad_row_starts() -> None:
     geo = make_geometry([(8, 8)], layers=1, kv_heads=2, head_dim=8)
     cache = make_cache(geo, num_blocks=2, block_size=4)
-    pools = AdapterPools(geo, cache, 16)
+    pools = AdapterPools(geo, cache, 8)
     ad = FakeAdapter(1, {(0, "m0"): 2}, {(0, "m0"): 1.0}, geo, seed=0)
+    two, one = np.array([0, 1], np.int32), np.array([0], np.int32)
     with pytest.raises(ValueError, match="row_start must have 2 entries"):
-        pools.load(ad, np.array([0], np.int32), np.array([0, 1], np.int32), ad)  # type: ignore[arg-type]
+        pools.load(ad, one, two, two + 2, ad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="1 rows for m0 of rank 2"):
-        pools.load(ad, np.array([0, 1], np.int32), np.array([0], np.int32), ad)  # type: ignore[arg-type]
+        pools.load(ad, two, one, one + 2, ad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="2 A row ids but 1 Bt row ids"):
+        pools.load(ad, two, two, one, ad)  # type: ignore[arg-type]
 
 
 @settings(max_examples=40, deadline=None)
@@ -289,7 +309,7 @@ def test_page_ins_touch_only_their_rows(
     read back exactly through the views, and the LoRA delta read from the views (every
     backend form) equals a dense float64 reference."""
     p = block_size * kv_heads * head_dim
-    dims = [(a, b) for a, b in dims if a + b <= p] or [(1, 1)]
+    dims = [(a, b) for a, b in dims if max(a, b) <= p] or [(1, 1)]
     geo = make_geometry(dims, layers, kv_heads, head_dim)
     rng = np.random.default_rng(seed)
     adapters = [random_adapter(rng, geo, aid) for aid in range(num_adapters)]
@@ -306,18 +326,20 @@ def test_page_ins_touch_only_their_rows(
     placed = {}
     for ad, n in zip(adapters, need, strict=True):
         units = [int(free.pop()) for _ in range(n)]
-        starts, rows = place(cache, geo, g, units, ad.module_ranks)
-        pools.load(ad, starts, rows, ad)  # type: ignore[arg-type]
-        placed[ad.id] = (starts, rows)
+        starts, rows, bt_rows = place(cache, geo, g, units, ad.module_ranks)
+        pools.load(ad, starts, rows, bt_rows, ad)  # type: ignore[arg-type]
+        placed[ad.id] = (starts, rows, bt_rows)
         for m, spec in enumerate(geo.modules):
             for c in rows[starts[m] : starts[m + 1]]:
-                written[:, c * g : c * g + spec.in_features + spec.out_features] = True
+                written[:, c * g : c * g + spec.in_features] = True
+            for c in bt_rows[starts[m] : starts[m + 1]]:
+                written[:, c * g : c * g + spec.out_features] = True
         flat = cache.kv.view(layers, -1)
         assert torch.equal(flat[~written], pattern.view(layers, -1)[~written])
     names = [s.name for s in geo.modules]
     entries = {ad.id: AdapterEntry.from_info(ad, names) for ad in adapters}  # type: ignore[arg-type]
     for ad in adapters:  # round trip
-        starts, rows = placed[ad.id]
+        starts, rows, _ = placed[ad.id]
         for m, spec in enumerate(geo.modules):
             idx = torch.from_numpy(rows[starts[m] : starts[m + 1]].astype(np.int64))
             for layer in range(layers):
@@ -346,13 +368,14 @@ def check_delta(geo, pools, adapters, entries, placed, rng) -> None:
         seg_tokens.append(list(range(t, t + n)))
         t += n
     num_tokens = t
-    ranks, rstarts, rows = [], [0], []
+    ranks, rstarts, rows, bt_rows = [], [0], [], []
     for a in order:
         ad = adapters[a]
-        starts, arows = placed[ad.id]
+        starts, arows, brows = placed[ad.id]
         for m in range(num_mod):
             ranks.append(ad.module_ranks[m])
             rows += list(arows[starts[m] : starts[m + 1]])
+            bt_rows += list(brows[starts[m] : starts[m + 1]])
             rstarts.append(len(rows))
     plan = SimpleNamespace(
         sorted_token_idx=np.asarray([x for s in seg_tokens for x in s], dtype=np.int64),
@@ -361,6 +384,7 @@ def check_delta(geo, pools, adapters, entries, placed, rng) -> None:
         adapter_rank=np.asarray(ranks, dtype=np.int32),
         adapter_row_start=np.asarray(rstarts, dtype=np.int32),
         adapter_rows=np.asarray(rows, dtype=np.int32),
+        adapter_bt_rows=np.asarray(bt_rows, dtype=np.int32),
     )
     names = [s.name for s in geo.modules]
     batches = build_lora_batches(plan, entries=entries, module_names=names, device="cpu")
@@ -412,12 +436,15 @@ def test_build_lora_batches_per_module() -> None:
         adapter_rank=np.array([2, 0, 1, 3, 1, 0], dtype=np.int32),
         adapter_row_start=np.array([0, 2, 2, 3, 6, 7, 7], dtype=np.int32),
         adapter_rows=np.array([100, 105, 300, 7, 9, 11, 500], dtype=np.int32),
+        adapter_bt_rows=np.array([200, 205, 400, 17, 19, 21, 600], dtype=np.int32),
     )
     b = build_lora_batches(plan, entries=entries, module_names=["m0", "m1", "m2"], device="cpu")  # type: ignore[arg-type]
     m0, m1, m2 = b["m0"], b["m1"], b["m2"]
     assert m0 is not None and m1 is not None and m2 is not None
     assert m0.token_idx.tolist() == [4, 1, 2, 0] and m0.seg_start_host == (0, 1, 4)
     assert m0.seg_rank_host == (2, 3) and m0.rows.tolist() == [100, 105, 7, 9, 11]
+    assert m0.bt is not m0 and m0.bt.rows.tolist() == [200, 205, 17, 19, 21]
+    assert m0.bt.pad_row == 200 and m0.bt.seg_row_start_host == m0.seg_row_start_host
     assert m0.seg_row_start_host == (0, 2, 5) and m0.seg_scale_host == (2.0, 0.1)
     assert m1.token_idx.tolist() == [1, 2, 0] and m1.seg_start_host == (0, 3)
     assert m1.rows.tolist() == [500] and m1.seg_rank_host == (1,) and m1.seg_scale_host == (0.1,)
@@ -431,6 +458,7 @@ def test_build_lora_batches_per_module() -> None:
     none = dict(plan.__dict__, adapter_rank=np.zeros(6, dtype=np.int32))
     none["adapter_row_start"] = np.zeros(7, dtype=np.int32)
     none["adapter_rows"] = np.zeros(0, dtype=np.int32)
+    none["adapter_bt_rows"] = np.zeros(0, dtype=np.int32)
     b = build_lora_batches(
         SimpleNamespace(**none), entries=entries, module_names=["m0", "m1", "m2"], device="cpu"
     )  # type: ignore[arg-type]
@@ -444,9 +472,9 @@ def test_half_precision_cache_folds_ratios_into_range() -> None:
     g = granularity(cache, geo)
     pools = AdapterPools(geo, cache, g)
     ad = FakeAdapter(1, {(0, "m0"): 4, (1, "m0"): 4}, {(0, "m0"): 1e-4, (1, "m0"): 16.0}, geo, 5)
-    starts, rows = place(cache, geo, g, [1], ad.module_ranks)
-    pools.load(ad, starts, rows, ad)  # type: ignore[arg-type]
-    idx = torch.from_numpy(rows.astype(np.int64))
+    starts, rows, bt_rows = place(cache, geo, g, [1], ad.module_ranks)
+    pools.load(ad, starts, rows, bt_rows, ad)  # type: ignore[arg-type]
+    idx = torch.from_numpy(bt_rows.astype(np.int64))
     bt1 = pools.bt["m0"][1].index_select(0, idx).float()
     torch.testing.assert_close(
         bt1, torch.from_numpy(ad.tensors[(1, "m0")][1].T.copy()), atol=2e-3, rtol=1e-3

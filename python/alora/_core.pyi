@@ -43,8 +43,28 @@ def untokenized_invocation(
     tokenized by the caller), from a directory's adapter_config.json or a JSON text; the
     config is validated completely (errors name the file and field)."""
 
+def read_adapter_weights(info: AdapterInfo) -> AdapterWeights:
+    """Read and validate an adapter's weights from its file (the GIL is released; no engine
+    needed, so a thread can prefetch). AdapterFormatError when the file changed since it was
+    registered or holds non-finite values. In-memory adapters return their weights."""
+
+class AdapterWeights:
+    """An adapter's weights in host memory (float32), as read by `read_adapter_weights`."""
+
+    @property
+    def adapter_id(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    def weights(
+        self, layer: int, module: str
+    ) -> tuple[NDArray[np.float32], NDArray[np.float32]] | None:
+        """(A [r, in], B [out, r]): float32 read-only views of Rust memory; None if not adapted."""
+    def scale(self, layer: int, module: str) -> float:
+        """The scale at (layer, module), 0.0 where not adapted."""
+
 class AdapterInfo:
-    """A loaded adapter: metadata plus zero-copy views of its host weights."""
+    """A registered adapter's metadata (its weights stay on disk until first use; see
+    `read_adapter_weights`)."""
 
     @property
     def id(self) -> int: ...
@@ -54,7 +74,17 @@ class AdapterInfo:
     def kind(self) -> Literal["lora", "alora"]: ...
     @property
     def rank(self) -> int:
-        """Largest rank over its modules: the number of pool rows it occupies."""
+        """Largest rank over its modules."""
+    @property
+    def module_ranks(self) -> list[int]:
+        """Per engine module (spec order): the largest rank over layers, 0 = not targeted."""
+    @property
+    def segment_scale(self) -> float:
+        """Largest |scale| over its adapted (layer, module)s (1.0 if none): the scale its LoRA
+        segments run at; each module's scale is folded into its Bt rows as a ratio to it."""
+    @property
+    def host_bytes(self) -> int:
+        """Host memory its weights take once read (float32)."""
     @property
     def use_rslora(self) -> bool: ...
     @property
@@ -68,10 +98,6 @@ class AdapterInfo:
         """Rank of the adapter at (layer, module), 0 when not adapted there."""
     def scale(self, layer: int, module: str) -> float:
         """lora_alpha / r (or / sqrt(r) with rsLoRA) at (layer, module), patterns applied."""
-    def weights(
-        self, layer: int, module: str
-    ) -> tuple[NDArray[np.float32], NDArray[np.float32]] | None:
-        """(A [r, in], B [out, r]): float32 read-only views of Rust memory; None if not adapted."""
 
 class StepPlan:
     """One forward pass, as flat arrays (DESIGN.md section 4). Tokens are the step's token axis."""
@@ -95,14 +121,18 @@ class StepPlan:
     sorted_token_idx: NDArray[np.int64]  # [T_active] token indices grouped by adapter
     segment_start: NDArray[np.int32]  # [A + 1] offsets into sorted_token_idx
     segment_adapter: NDArray[np.uint64]  # [A] adapter id of each segment
-    adapter_rank: NDArray[np.int32]  # [A]
-    adapter_row_start: NDArray[np.int32]  # [A + 1] offsets into adapter_rows
-    adapter_rows: NDArray[np.int32]  # [sum rank] pool rows of each segment's adapter
+    adapter_rank: NDArray[np.int32]  # [A * M] rank per (segment, module), 0 = not targeted
+    adapter_row_start: NDArray[np.int32]  # [A * M + 1] offsets into the row lists
+    adapter_rows: NDArray[np.int32]  # A row ids per (segment, module)
+    adapter_bt_rows: NDArray[np.int32]  # Bt row ids, same offsets
     copy_src: NDArray[np.int64]  # [C] source block of a prefix copy-on-write
     copy_dst: NDArray[np.int64]  # [C] destination block
     copy_len: NDArray[np.int64]  # [C] leading token slots to copy
-    adapter_loads: list[tuple[int, NDArray[np.int32]]]
-    """(adapter id, pool rows) to fill from host weights before the forward pass."""
+    adapter_loads: list[
+        tuple[int, NDArray[np.int32], NDArray[np.int32], NDArray[np.int32], AdapterWeights]
+    ]
+    """(adapter id, row_start [M + 1], A rows, Bt rows, host weights): page-ins to write
+    before the forward pass."""
 
 class RequestOutput:
     @property
@@ -137,23 +167,31 @@ class Engine:
         modules: Sequence[tuple[str, str, int, int]],
         block_size: int,
         num_blocks: int,
+        kv_dim: int,
         max_batch_tokens: int,
         max_num_seqs: int,
-        adapter_rows: int,
         max_model_len: int,
-        page_rows: int = 8,
         enable_prefix_cache: bool = True,
         vocab_size: int | None = None,
+        kv_block_cap: int | None = None,
+        adapter_block_cap: int | None = None,
+        host_cache_bytes: int = 1 << 30,
     ) -> None:
         """`modules`: (name, path within a decoder layer, in_features, out_features), e.g.
-        ("q_proj", "self_attn.q_proj", 4096, 4096). With `vocab_size`, every token id (prompts,
-        stop ids, invocation tokens) must lie in [0, vocab_size)."""
+        ("q_proj", "self_attn.q_proj", 4096, 4096). `num_blocks` memory units hold KV blocks
+        and adapter rows alike (`kv_dim` = kv_heads * head_dim sets where rows fit); the caps
+        bound what each kind may hold. With `vocab_size`, every token id (prompts, stop ids,
+        invocation tokens) must lie in [0, vocab_size)."""
     @property
     def block_size(self) -> int: ...
     @property
     def num_blocks(self) -> int: ...
     @property
-    def adapter_rows(self) -> int: ...
+    def row_granularity(self) -> int:
+        """Elements per row id step: row id c starts at element c * g of a layer's flat arena."""
+    @property
+    def unit_elems(self) -> int:
+        """block_size * kv_dim: one unit's share of one layer's K (or V) side."""
     def load_adapter(
         self, name: str, path: str, invocation_tokens: Sequence[int] | None = None
     ) -> AdapterInfo:
@@ -180,7 +218,15 @@ class Engine:
         value (a non-integer, a token id outside the vocabulary, max_new_tokens < 1) raises
         InvalidRequestError naming the argument. max_new_tokens defaults to 16."""
     def schedule(self) -> StepPlan | None:
-        """Plan the next forward pass, or None when no request is unfinished."""
+        """Plan the next forward pass, or None when nothing can run now: no request is
+        unfinished, or every runnable one waits for an adapter read (`pending_fetches`)."""
+    def adapter_units(self, name: str) -> int:
+        """Memory units the adapter occupies when resident on the device."""
+    def pending_fetches(self) -> list[int]:
+        """Adapter ids that queued requests need read from disk, in queue order."""
+    def install_weights(self, adapter_id: int, weights: AdapterWeights) -> None:
+        """Put weights from `read_adapter_weights` into the host tier (UnknownAdapterError if
+        the adapter was unloaded meanwhile)."""
     def commit(
         self, step_id: int, sampled: Sequence[int] | NDArray[np.int64]
     ) -> list[RequestOutput]:
@@ -195,10 +241,12 @@ class Engine:
     def request_output(self, request_id: int) -> RequestOutput: ...
     def has_unfinished(self) -> bool: ...
     def stats(self) -> dict[str, int]:
-        """Counters: free_blocks, total_blocks, used_blocks, cached_blocks, running, waiting,
-        loaded_adapters, resident_adapters, pinned_adapters, free_adapter_rows,
-        total_adapter_rows, prefix_query_tokens, prefix_hit_tokens, preemptions,
-        adapter_loads, adapter_evictions, steps."""
+        """Counters: total_blocks (memory units), free_blocks (neither referenced by KV nor
+        held by adapters), used_blocks (referenced by KV), cached_blocks, adapter_blocks,
+        kv_block_cap, adapter_block_cap, running, waiting, loaded_adapters (registered),
+        resident_adapters, pinned_adapters, host_adapters, host_bytes, host_loads,
+        host_evictions, prefix_query_tokens, prefix_hit_tokens, preemptions, adapter_loads,
+        adapter_evictions, steps."""
     def cached_base_hashes(self) -> list[int]:
         """64-bit chained hashes of every full block cached with the base key (the prefix
         summary a router compares with `base_prefix_hashes`)."""

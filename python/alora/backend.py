@@ -1,9 +1,9 @@
 """The LoRA op behind a small interface, so the torch reference and the CUDA kernels are
 interchangeable. A backend adds, for the step's active tokens only,
 
-    y[t] += scale(a) * (x[t] @ A_pool[rows(a)]^T) @ Bt_pool[rows(a)]
+    y[t] += scale(a) * (x[t] @ A_pool[rows(a)]^T) @ Bt_pool[bt_rows(a)]
 
-where `rows(a)` are the pool rows of adapter `a` (rank(a) of them, not necessarily
+where `rows(a)` / `bt_rows(a)` are the pool rows of adapter `a` (rank(a) of them, not necessarily
 contiguous) and tokens are grouped by adapter into segments (DESIGN.md sections 4 and 6).
 Per-module differences in scale (alpha/rank patterns) are folded into the Bt rows when an
 adapter is paged in, so one scale per segment suffices.
@@ -16,7 +16,7 @@ slicing and matmuls and never materialises a whole pool.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Protocol
 
@@ -46,6 +46,20 @@ class LoraBatch:
     # need no device-to-host copy; read through `host_token_idx()` / `host_rows()`.
     token_idx_host: np.ndarray | None = None
     rows_host: np.ndarray | None = None
+    # Bt rows when they differ from the A rows (the runtime's pools place them apart);
+    # None: Bt row j of a segment is `rows` row j too.
+    bt_rows: torch.Tensor | None = None
+    bt_rows_host: np.ndarray | None = None
+
+    @cached_property
+    def bt(self) -> LoraBatch:
+        """The batch as the Bt pool sees it: its `rows` are the Bt rows (itself when A and Bt
+        share row ids). Layout facts (`spans`, `uniform`, gathered rows) are its own."""
+        if self.bt_rows is None:
+            return self
+        return replace(
+            self, rows=self.bt_rows, rows_host=self.bt_rows_host, bt_rows=None, bt_rows_host=None
+        )
 
     def host_token_idx(self) -> np.ndarray:
         if self.token_idx_host is not None:
@@ -225,9 +239,13 @@ class TorchBackend:
         if batch.num_active == 0:
             return
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        uniform = batch.uniform
-        if uniform is not None and x.dtype == y.dtype == a_pool.dtype == bt_pool.dtype == acc:
-            self._uniform(y, x, a_pool, bt_pool, batch, uniform)
+        uniform, bt_uniform = batch.uniform, batch.bt.uniform
+        if (
+            uniform is not None
+            and bt_uniform is not None
+            and x.dtype == y.dtype == a_pool.dtype == bt_pool.dtype == acc
+        ):
+            self._uniform(y, x, a_pool, bt_pool, batch, uniform, bt_uniform)
             return
         num_tokens = x.shape[0]
         # Cost model for choosing a form (CPU): each op costs a dispatch, and the gathered
@@ -239,7 +257,11 @@ class TorchBackend:
         width = (x.shape[1] + y.shape[1]) * a_pool.element_size()
         dense = 2 * batch.num_active >= num_tokens
         gathered_rows = (num_tokens if dense else batch.num_active) * batch.max_rank
-        per_segment = sum(2 if sp is not None else 7 for sp in batch.spans) * _DISPATCH_S + (
+        spans = [
+            (sp, bsp) if sp is not None and bsp is not None else None
+            for sp, bsp in zip(batch.spans, batch.bt.spans, strict=True)
+        ]
+        per_segment = sum(2 if sp is not None else 7 for sp in spans) * _DISPATCH_S + (
             sum(batch.seg_rank_host) * width / _BANDWIDTH
         )
         gathered = 5 * _DISPATCH_S + 3 * gathered_rows * width / _BANDWIDTH
@@ -250,25 +272,28 @@ class TorchBackend:
                 self._gathered(y, x, a_pool, bt_pool, batch, acc)
             return
         starts, rstarts = batch.seg_start_host, batch.seg_row_start_host
-        for a, span in enumerate(batch.spans):
+        bt_all = batch.bt.rows
+        for a, pair in enumerate(spans):
             t0, t1 = starts[a], starts[a + 1]
             if t0 == t1 or batch.seg_rank_host[a] == 0:
                 continue
             scale = batch.seg_scale_host[a]
-            if span is not None:
-                s0, s1, r0, step, rank = span
+            if pair is not None:
+                (s0, s1, r0, step, rank), (_, _, b0, bstep, _) = pair
                 sl = slice(r0, r0 + step * (rank - 1) + 1, step)
+                bsl = slice(b0, b0 + bstep * (rank - 1) + 1, bstep)
                 v = x[s0:s1].to(acc) @ a_pool[sl].to(acc).t()
                 if y.dtype == acc:
-                    y[s0:s1].addmm_(v, bt_pool[sl].to(acc), alpha=scale)
+                    y[s0:s1].addmm_(v, bt_pool[bsl].to(acc), alpha=scale)
                 else:
-                    y[s0:s1] += ((v @ bt_pool[sl].to(acc)) * scale).to(y.dtype)
+                    y[s0:s1] += ((v @ bt_pool[bsl].to(acc)) * scale).to(y.dtype)
                 continue
             tok = batch.token_idx[t0:t1]
             rows = batch.rows[rstarts[a] : rstarts[a + 1]].long()
+            bt_rows = bt_all[rstarts[a] : rstarts[a + 1]].long()
             xa = x.index_select(0, tok).to(acc)
             v = xa @ a_pool.index_select(0, rows).to(acc).t()
-            delta = (v @ bt_pool.index_select(0, rows).to(acc)) * scale
+            delta = (v @ bt_pool.index_select(0, bt_rows).to(acc)) * scale
             y.index_add_(0, tok, delta.to(y.dtype))
 
     @staticmethod
@@ -279,15 +304,18 @@ class TorchBackend:
         bt_pool: torch.Tensor,
         batch: LoraBatch,
         uniform: tuple[int, int, bool, int],
+        bt_uniform: tuple[int, int, bool, int],
     ) -> None:
         """One token per segment, rows laid out segment after segment: a batched mat-vec
         over pool views reads each row once and copies none (about 2x the gathered form
         for 16 rank-16 adapters at hidden 512-2048, measured)."""
         lo, rank, identity, step = uniform
+        blo, _, _, bstep = bt_uniform
         n = batch.num_segments
         sl = slice(lo, lo + step * (n * rank - 1) + 1, step)
+        bsl = slice(blo, blo + bstep * (n * rank - 1) + 1, bstep)
         a = a_pool[sl].view(n, rank, -1)
-        bt = bt_pool[sl].view(n, rank, -1)
+        bt = bt_pool[bsl].view(n, rank, -1)
         xs = x[:n] if identity else x.index_select(0, batch.token_idx)
         # Row-vector times transposed rows: 4-5x faster on the CPU than a @ x as columns.
         v = torch.bmm(xs[:, None, :], a.transpose(1, 2))  # [n, 1, rank]
@@ -308,7 +336,8 @@ class TorchBackend:
         acc: torch.dtype,
     ) -> None:
         rows, scale = batch.dense_rows(x.shape[0])
-        y += _gathered_delta(x, a_pool, bt_pool, rows, scale, acc).to(y.dtype)
+        bt_rows, _ = batch.bt.dense_rows(x.shape[0])
+        y += _gathered_delta(x, a_pool, bt_pool, rows, bt_rows, scale, acc).to(y.dtype)
 
     @staticmethod
     def _gathered(
@@ -320,8 +349,9 @@ class TorchBackend:
         acc: torch.dtype,
     ) -> None:
         rows, scale = batch.token_rows
+        bt_rows, _ = batch.bt.token_rows
         tok = batch.token_idx
-        delta = _gathered_delta(x.index_select(0, tok), a_pool, bt_pool, rows, scale, acc)
+        delta = _gathered_delta(x.index_select(0, tok), a_pool, bt_pool, rows, bt_rows, scale, acc)
         y.index_add_(0, tok, delta.to(y.dtype))
 
 
@@ -330,10 +360,11 @@ def _gathered_delta(
     a_pool: torch.Tensor,
     bt_pool: torch.Tensor,
     rows: torch.Tensor,
+    bt_rows: torch.Tensor,
     scale: torch.Tensor,
     acc: torch.dtype,
 ) -> torch.Tensor:
-    """delta[t] = sum_j scale[t, j] * (x[t] . A[rows[t, j]]) * Bt[rows[t, j]], in `acc`.
+    """delta[t] = sum_j scale[t, j] * (x[t] . A[rows[t, j]]) * Bt[bt_rows[t, j]], in `acc`.
 
     Shrink is a gather plus multiply-sum (a batched mat-vec, which `bmm` handles poorly on
     CPU); expand is `embedding_bag` with per-sample weights, which sums the scaled rows
@@ -347,6 +378,6 @@ def _gathered_delta(
     a = a_pool.index_select(0, flat).view(n, r, -1).to(acc)
     v = (a * x.to(acc)[:, None, :]).sum(-1).mul_(scale.to(acc))
     if bt_pool.dtype == acc and bt_pool.is_contiguous():
-        return F.embedding_bag(rows, bt_pool, per_sample_weights=v, mode="sum")
-    bt = bt_pool.index_select(0, flat).view(n, r, -1).to(acc)
+        return F.embedding_bag(bt_rows, bt_pool, per_sample_weights=v, mode="sum")
+    bt = bt_pool.index_select(0, bt_rows.reshape(-1)).view(n, r, -1).to(acc)
     return torch.bmm(v[:, None, :], bt)[:, 0]

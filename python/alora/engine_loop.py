@@ -26,6 +26,7 @@ import torch
 
 from alora import _core
 from alora.executor import StepExecutor
+from alora.fetcher import AdapterFetcher
 from alora.lora import AdapterEntry
 from alora.outputs import GenerationResult, StepOutput
 from alora.plan import StepWork
@@ -37,6 +38,8 @@ log = logging.getLogger("alora")
 # rather than being retried forever; a step that fails fewer times is simply retried.
 MAX_STEP_FAILURES = 3
 _GREEDY = SamplingParams()
+# How long the loop thread sleeps when every runnable request waits for an adapter read.
+_FETCH_WAIT_S = 0.05
 
 
 class Channel:
@@ -120,6 +123,21 @@ class EngineLoop:
         # Outputs of manual requests (no channel) stepped by the loop thread while it ran
         # for others: the next manual step() returns them, so none is lost.
         self._manual_outputs: list[StepOutput] = []
+        self.fetcher = AdapterFetcher(engine, self.lock, self._info_of, self._fail_adapter)
+        self._idle = False  # the last step found nothing it could run
+
+    def _info_of(self, adapter_id: int) -> _core.AdapterInfo | None:
+        entry = self.entries.get(adapter_id)
+        return entry.info if entry is not None else None
+
+    def _fail_adapter(self, adapter_id: int, cause: BaseException) -> None:
+        """An adapter's weights could not be read: fail the requests waiting for it."""
+        entry = self.entries.get(adapter_id)
+        if entry is None:
+            return
+        for rid, st in list(self.requests.items()):
+            if st.adapter == entry.info.name:
+                self._fail(rid, cause)
 
     # ------------------------------------------------------------------------ submission
 
@@ -188,6 +206,9 @@ class EngineLoop:
                     return
             try:
                 self.step(manual=False)
+                if self._idle:
+                    # Nothing ran: every runnable request waits for an adapter read.
+                    self.fetcher.wait(_FETCH_WAIT_S)
                 errors = 0
             except BaseException as e:  # the loop must never die silently
                 errors += 1
@@ -210,6 +231,7 @@ class EngineLoop:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=60)
+        self.fetcher.close()
 
     # ------------------------------------------------------------------------ one step
 
@@ -246,12 +268,24 @@ class EngineLoop:
 
     def _step(self, manual: bool) -> list[StepOutput]:
         with self.lock:
+            reading = self.fetcher.start_pending()
             plan = self.engine.schedule()
+            if plan is None and reading and manual:
+                # The manual loop has no other work to overlap: read, then plan again.
+                self.lock.release()
+                try:
+                    self.fetcher.read_now()
+                finally:
+                    self.lock.acquire()
+                self.fetcher.start_pending()
+                plan = self.engine.schedule()
+            self._idle = plan is None
             if plan is None:
                 return []
             work = StepWork.from_core(plan)
             try:
-                needed = {a for a, _ in work.pre.adapter_loads} | set(work.lora.adapter_ids)
+                needed = {load.adapter_id for load in work.pre.adapter_loads}
+                needed |= set(work.lora.adapter_ids)
                 entries = {a: self.entries[a] for a in needed}
                 reqs = [self._sample_request(rid) for rid in work.sampled_request_ids]
             except BaseException:

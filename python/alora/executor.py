@@ -8,12 +8,16 @@ are not resident, destination blocks of copies are not cached)."""
 
 from __future__ import annotations
 
+import time
+from collections import deque
+
 import numpy as np
 import torch
 from torch import nn
 
 from alora.attention import AttentionStep, attention_step, build_attention_metadata
 from alora.backend import LoraBackend
+from alora.fetcher import MAX_EVENTS, LoadEvent
 from alora.kv_cache import PagedKVCache
 from alora.lora import (
     AdapterEntry,
@@ -51,6 +55,9 @@ class StepExecutor:
         self.layer_of = layer_of
         self.block_size = block_size
         self.module_names = [m.name for m in geometry.modules]
+        # Host -> device page-in latencies (wall time of the writes; on CUDA the copies are
+        # asynchronous, so this is the time to enqueue them).
+        self.load_events: deque[LoadEvent] = deque(maxlen=MAX_EVENTS)
 
     @torch.inference_mode()
     def run(self, work: StepWork, entries: dict[int, AdapterEntry]) -> torch.Tensor:
@@ -60,8 +67,12 @@ class StepExecutor:
         return self.forward(work, entries)
 
     def pre_work(self, pre: PreWork, entries: dict[int, AdapterEntry]) -> None:
-        for adapter_id, rows in pre.adapter_loads:
-            self.pools.load(entries[adapter_id], rows)
+        for load in pre.adapter_loads:
+            entry = entries[load.adapter_id]
+            t0 = time.perf_counter()
+            self.pools.load(entry, load.row_start, load.rows, load.bt_rows, load.weights)
+            t1 = time.perf_counter()
+            self.load_events.append(LoadEvent(entry.info.name, "device", t1 - t0, t1))
         if len(pre.copy_src):
             self.cache.copy_prefixes(
                 torch.from_numpy(np.asarray(pre.copy_src)),

@@ -71,45 +71,51 @@ class PagedKVCache:
         """Elements of one layer's K side (all units); the layer's flat arena is 2 * S long."""
         return self.num_blocks * self.P
 
-    def num_rows(self, in_features: int, out_features: int, granularity: int) -> int:
-        """R_m: row ids of a module whose rows fit wholly in a layer's flat arena."""
-        self._check_geometry(in_features, out_features, granularity)
-        return (2 * self.S - in_features - out_features) // granularity + 1
+    def num_rows(self, width: int, granularity: int) -> int:
+        """Row ids whose `width` elements lie wholly in a layer's flat arena."""
+        self._check_geometry(width, granularity)
+        return (2 * self.S - width) // granularity + 1
+
+    def row_view(self, width: int, granularity: int) -> torch.Tensor:
+        """A read-only strided view [L, R, width] of every row id of that width, over all
+        layers: row stride `granularity`, layer stride `2 * S`. Rows overlap each other (the
+        stride is smaller than a row): read with indexing, slicing or matmuls only, never
+        write it and never materialise it whole (`.contiguous()`, `.clone()`); write with
+        `write_rows`."""
+        g = granularity
+        rows = self.num_rows(width, g)
+        kv = self.kv
+        return kv.as_strided(
+            (self.num_layers, rows, width), (2 * self.S, g, 1), kv.storage_offset()
+        )
 
     def row_views(
         self, in_features: int, out_features: int, granularity: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read-only strided views of every row id of one module, over all layers:
-        `a_view` [L, R_m, in] and `bt_view` [L, R_m, out], row stride `granularity` and layer
-        stride `2 * S`. Rows of the views overlap each other (the stride is smaller than a
-        row): read them with indexing, slicing or matmuls only, never write them and never
-        materialise a whole view (`.contiguous()`, `.clone()`); write with `write_rows`."""
-        g = granularity
-        rows = self.num_rows(in_features, out_features, g)
-        kv = self.kv
-        L, off = self.num_layers, kv.storage_offset()
-        a_view = kv.as_strided((L, rows, in_features), (2 * self.S, g, 1), off)
-        bt_view = kv.as_strided((L, rows, out_features), (2 * self.S, g, 1), off + in_features)
-        return a_view, bt_view
+        """One module's A view [L, R_in, in] and Bt view [L, R_out, out] (see `row_view`)."""
+        return self.row_view(in_features, granularity), self.row_view(out_features, granularity)
 
     def write_rows(
         self,
         in_features: int,
         out_features: int,
         granularity: int,
-        rows: np.ndarray | torch.Tensor,
+        a_ids: np.ndarray | torch.Tensor,
+        bt_ids: np.ndarray | torch.Tensor,
         a_rows: torch.Tensor,
         bt_rows: torch.Tensor,
     ) -> None:
-        """Write one module's rows in every layer: `rows` int32 [r] row ids, `a_rows`
-        [L, r, in] and `bt_rows` [L, r, out] (any float dtype, any device; converted to the
-        cache's). One indexing op over `kv.view(L, -1)` for all layers. Row ids are checked
-        on the host (in range, inside one unit's K or V part, not overlapping each other)."""
-        g, w = granularity, in_features + out_features
-        rows_np = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows)
-        rows_np = rows_np.astype(np.int64, copy=False).reshape(-1)
-        r = int(rows_np.shape[0])
+        """Write one module's rows in every layer: A rows `a_rows` [L, r, in] at row ids
+        `a_ids` int32 [r], Bt rows `bt_rows` [L, r, out] at `bt_ids` (any float dtype and
+        device; converted to the cache's). One indexing op over `kv.view(L, -1)` for all
+        layers. Row ids are checked on the host first (in range, each row inside one unit's
+        K or V part, no two rows overlapping)."""
+        g = granularity
+        a_np, bt_np = _ids(a_ids), _ids(bt_ids)
+        r = int(a_np.shape[0])
         L = self.num_layers
+        if int(bt_np.shape[0]) != r:
+            raise ValueError(f"{r} A row ids but {bt_np.shape[0]} Bt row ids")
         if tuple(a_rows.shape) != (L, r, in_features):
             raise ValueError(f"a_rows must be [{L}, {r}, {in_features}], got {tuple(a_rows.shape)}")
         if tuple(bt_rows.shape) != (L, r, out_features):
@@ -118,44 +124,55 @@ class PagedKVCache:
             )
         if r == 0:
             return
-        self.check_rows(in_features, out_features, g, rows_np)
+        self.check_rows([(a_np, in_features), (bt_np, out_features)], g)
         dev = self.kv.device
-        src = torch.cat([a_rows.to(dev, self.kv.dtype), bt_rows.to(dev, self.kv.dtype)], dim=2)
-        start = torch.from_numpy(rows_np * g).to(dev)
-        idx = (start[:, None] + torch.arange(w, device=dev)[None, :]).reshape(-1)
-        self.kv.view(L, -1).index_copy_(1, idx, src.reshape(L, r * w))
+        idx, src = [], []
+        for ids, width, rows in ((a_np, in_features, a_rows), (bt_np, out_features, bt_rows)):
+            start = torch.from_numpy(ids * g).to(dev)
+            idx.append((start[:, None] + torch.arange(width, device=dev)[None, :]).reshape(-1))
+            src.append(rows.to(dev, self.kv.dtype).reshape(L, r * width))
+        self.kv.view(L, -1).index_copy_(1, torch.cat(idx), torch.cat(src, dim=1))
 
-    def check_rows(
-        self, in_features: int, out_features: int, granularity: int, rows: np.ndarray
-    ) -> None:
-        """ValueError unless every row id is in range, lies inside one unit's K or V part and
-        overlaps no other row of `rows` (the core guarantees all three; this is a cheap host
-        check before a write that would otherwise corrupt KV blocks of other units)."""
-        g, w, p = granularity, in_features + out_features, self.P
-        total = self.num_rows(in_features, out_features, g)
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if rows.size == 0:
+    def check_rows(self, groups: list[tuple[np.ndarray, int]], granularity: int) -> None:
+        """ValueError unless every row (ids of a given width, per group) is in range, lies
+        inside one unit's K or V part, and overlaps no other row of any group (the core
+        guarantees all three; this cheap host check guards KV blocks of other units)."""
+        g, p = granularity, self.P
+        starts, ends = [], []
+        for ids, width in groups:
+            total = self.num_rows(width, g)
+            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+            if ids.size == 0:
+                continue
+            if int(ids.min()) < 0 or int(ids.max()) >= total:
+                raise ValueError(f"row ids out of range [0, {total}): {ids.min()}..{ids.max()}")
+            start = ids * g
+            if bool(((start % p) + width > p).any()):
+                raise ValueError(
+                    f"a row of {width} elements at a row id straddles a unit ({p} elements)"
+                )
+            starts.append(start)
+            ends.append(start + width)
+        if not starts:
             return
-        if int(rows.min()) < 0 or int(rows.max()) >= total:
-            raise ValueError(f"row ids out of range [0, {total}): {rows.min()}..{rows.max()}")
-        start = rows * g
-        if bool(((start % p) + w > p).any()):
-            raise ValueError(f"a row of {w} elements at a row id straddles a unit ({p} elements)")
-        ordered = np.sort(start)
-        if bool((np.diff(ordered) < w).any()):
+        start, end = np.concatenate(starts), np.concatenate(ends)
+        order = np.argsort(start, kind="stable")
+        if bool((start[order][1:] < end[order][:-1]).any()):
             raise ValueError("row ids overlap each other")
 
-    def _check_geometry(self, in_features: int, out_features: int, granularity: int) -> None:
-        g, w, p = granularity, in_features + out_features, self.P
+    def _check_geometry(self, width: int, granularity: int) -> None:
+        g, p = granularity, self.P
         if isinstance(g, bool) or not isinstance(g, int) or g < 1:
             raise ValueError(f"granularity must be a positive integer, got {g!r}")
-        if in_features < 1 or out_features < 1:
-            raise ValueError("in_features and out_features must be positive")
-        if p % g or w % g:
-            raise ValueError(f"granularity {g} must divide the unit size {p} and the row width {w}")
-        if w > p:
+        if width < 1:
+            raise ValueError("row widths must be positive")
+        if p % g or width % g:
             raise ValueError(
-                f"a row of {w} elements does not fit a unit of {p} elements: raise block_size"
+                f"granularity {g} must divide the unit size {p} and the row width {width}"
+            )
+        if width > p:
+            raise ValueError(
+                f"a row of {width} elements does not fit a unit of {p} elements: raise block_size"
             )
 
     def key(self, layer: int) -> torch.Tensor:
@@ -197,3 +214,8 @@ def prefix_slots(
     src_idx = (src.to(torch.int64)[:, None] * block_size + offsets[None, :])[keep]
     dst_idx = (dst.to(torch.int64)[:, None] * block_size + offsets[None, :])[keep]
     return src_idx, dst_idx
+
+
+def _ids(ids: np.ndarray | torch.Tensor) -> np.ndarray:
+    arr = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids)
+    return arr.astype(np.int64, copy=False).reshape(-1)

@@ -65,8 +65,9 @@ class AdapterEntry:
 
 
 class AdapterPools:
-    """Per module: `a[name]` [layers, R_m, in] and `bt[name]` [layers, R_m, out], strided
-    read-only views of the KV cache tensor (model dtype); row id `c` is row `c` of both.
+    """Per module: `a[name]` [layers, R_in, in] and `bt[name]` [layers, R_out, out], strided
+    read-only views of the KV cache tensor (model dtype). A rows and Bt rows have their own
+    row ids (the core places them apart, each inside one unit's K or V part).
 
     An adapter's rows of module m (r_m = its largest rank of m over layers): A rows <- A,
     Bt rows <- B^T * scale_lm / seg_scale, rows j >= r_lm of a layer with a lower rank (or no
@@ -81,11 +82,9 @@ class AdapterPools:
         self.device = cache.kv.device
         self.a: dict[str, torch.Tensor] = {}
         self.bt: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, int] = {}  # R_m per module
         for spec in geometry.modules:
             a, bt = cache.row_views(spec.in_features, spec.out_features, granularity)
             self.a[spec.name], self.bt[spec.name] = a, bt
-            self.rows[spec.name] = a.shape[1]
 
     def nbytes(self) -> int:
         """Device bytes the pools add beyond the KV cache: none."""
@@ -96,17 +95,22 @@ class AdapterPools:
         entry: AdapterEntry | AdapterInfo,
         row_start: np.ndarray,
         rows: np.ndarray,
+        bt_rows: np.ndarray,
         weights: AdapterWeightsLike,
     ) -> None:
-        """Page an adapter in: for every module m, write its rows
-        `rows[row_start[m]:row_start[m + 1]]` (int32 row ids, r_m of them) in every layer
-        from `weights` (`weights.weights(layer, name) -> (A [r, in], B [out, r]) | None`,
-        `weights.scale(layer, name)`). One write per module, all layers at once."""
+        """Page an adapter in: for every module m, write its A rows at row ids
+        `rows[row_start[m]:row_start[m + 1]]` (int32, r_m of them) and its Bt rows at the same
+        range of `bt_rows`, in every layer, from `weights` (`weights.weights(layer, name) ->
+        (A [r, in], B [out, r]) | None`, `weights.scale(layer, name)`). One write per module,
+        all layers at once."""
         info = entry.info if isinstance(entry, AdapterEntry) else entry
         seg_scale = float(info.segment_scale)
         modules = self.geometry.modules
         starts = np.asarray(row_start, dtype=np.int64).reshape(-1)
         rows_np = np.asarray(rows, dtype=np.int64).reshape(-1)
+        bt_np = np.asarray(bt_rows, dtype=np.int64).reshape(-1)
+        if bt_np.shape != rows_np.shape:
+            raise ValueError(f"{rows_np.shape[0]} A row ids but {bt_np.shape[0]} Bt row ids")
         if starts.shape[0] != len(modules) + 1:
             raise ValueError(f"row_start must have {len(modules) + 1} entries, got {len(starts)}")
         if starts[0] != 0 or starts[-1] != rows_np.shape[0] or bool((np.diff(starts) < 0).any()):
@@ -115,6 +119,7 @@ class AdapterPools:
         L = self.geometry.num_layers
         for m, spec in enumerate(modules):
             mrows = rows_np[starts[m] : starts[m + 1]]
+            mbt = bt_np[starts[m] : starts[m + 1]]
             r = int(mrows.shape[0])
             if r < ranks[m]:
                 raise ValueError(f"{r} rows for {spec.name} of rank {ranks[m]}")
@@ -139,6 +144,7 @@ class AdapterPools:
                 spec.out_features,
                 self.granularity,
                 mrows,
+                mbt,
                 torch.from_numpy(a_host),
                 torch.from_numpy(bt_host),
             )
@@ -168,6 +174,7 @@ def build_lora_batches(
     ranks = np.asarray(plan.adapter_rank, dtype=np.int64).reshape(num_segments, num_modules)
     rstart = np.asarray(plan.adapter_row_start, dtype=np.int64)
     all_rows = np.asarray(plan.adapter_rows)
+    all_bt_rows = np.asarray(plan.adapter_bt_rows)
     sorted_tok = np.asarray(plan.sorted_token_idx, dtype=np.int64)
     # float64 on the host (the per-segment form's exact alpha), float32 on the device.
     seg_scale = np.asarray([entries[a].seg_scale for a in seg_adapter.tolist()], dtype=np.float64)
@@ -189,6 +196,7 @@ def build_lora_batches(
         idx = np.repeat(k_starts - offsets[:-1], k_ranks) + np.arange(total)
         pieces += [
             all_rows[idx].astype(np.int32),
+            all_bt_rows[idx].astype(np.int32),
             k_ranks.astype(np.int32),
             offsets.astype(np.int32),
         ]
@@ -226,8 +234,8 @@ def build_lora_batches(
                 int(k_counts.max()),
             )
         token_idx, starts_t, scales_t, tok_host, starts_host, scales_host, longest = shared[key]
-        rows_t, ranks_t, rstarts_t = next(views), next(views), next(views)
-        rows_h, ranks_h, rstarts_h = next(host), next(host), next(host)
+        rows_t, bt_t, ranks_t, rstarts_t = next(views), next(views), next(views), next(views)
+        rows_h, bt_h, ranks_h, rstarts_h = next(host), next(host), next(host), next(host)
         result[name] = LoraBatch(
             token_idx=token_idx,
             seg_start=starts_t,
@@ -243,6 +251,8 @@ def build_lora_batches(
             max_seg_tokens=longest,
             token_idx_host=tok_host,
             rows_host=rows_h,
+            bt_rows=bt_t,
+            bt_rows_host=bt_h,
         )
     return result
 

@@ -12,10 +12,22 @@ from alora import _core
 
 
 @dataclass(frozen=True)
+class AdapterLoad:
+    """A page-in: write the adapter's rows; module m's at `rows[row_start[m]:row_start[m+1]]`
+    (row ids in the unit arena, see `kv_cache.PagedKVCache`)."""
+
+    adapter_id: int
+    row_start: np.ndarray  # int32 [num_modules + 1]
+    rows: np.ndarray  # int32 [sum of module ranks]: A row ids
+    bt_rows: np.ndarray  # int32, same offsets: Bt row ids
+    weights: _core.AdapterWeights  # the host copy to write from
+
+
+@dataclass(frozen=True)
 class PreWork:
     """What must be written before the forward pass reads it."""
 
-    adapter_loads: list[tuple[int, np.ndarray]]  # (adapter id, pool rows int32[rank])
+    adapter_loads: list[AdapterLoad]
     copy_src: np.ndarray  # int64 [C] source block of a prefix copy-on-write
     copy_dst: np.ndarray  # int64 [C] destination block
     copy_len: np.ndarray  # int64 [C] leading token slots to copy
@@ -35,9 +47,10 @@ class LoraPlan:
     sorted_token_idx: np.ndarray  # int64 [T_active] token indices grouped by adapter
     segment_start: np.ndarray  # int32 [A + 1] offsets into sorted_token_idx
     segment_adapter: np.ndarray  # uint64 [A] adapter id of each segment
-    adapter_rank: np.ndarray  # int32 [A]
-    adapter_row_start: np.ndarray  # int32 [A + 1] offsets into adapter_rows
-    adapter_rows: np.ndarray  # int32 [sum rank] pool rows of each segment's adapter
+    adapter_rank: np.ndarray  # int32 [A * M] rank per (segment, module); 0: not targeted
+    adapter_row_start: np.ndarray  # int32 [A * M + 1] offsets into adapter_rows
+    adapter_rows: np.ndarray  # int32 A row ids, per (segment, module)
+    adapter_bt_rows: np.ndarray  # int32 Bt row ids, same offsets
 
     @property
     def adapter_ids(self) -> list[int]:
@@ -70,7 +83,10 @@ class StepWork:
             sample_indices=p.sample_indices,
             sample_seqs=p.sample_seqs,
             pre=PreWork(
-                adapter_loads=[(int(a), rows) for a, rows in p.adapter_loads],
+                adapter_loads=[
+                    AdapterLoad(int(a), row_start, rows, bt_rows, weights)
+                    for a, row_start, rows, bt_rows, weights in p.adapter_loads
+                ],
                 copy_src=p.copy_src,
                 copy_dst=p.copy_dst,
                 copy_len=p.copy_len,
@@ -89,5 +105,6 @@ class StepWork:
                 adapter_rank=p.adapter_rank,
                 adapter_row_start=p.adapter_row_start,
                 adapter_rows=p.adapter_rows,
+                adapter_bt_rows=p.adapter_bt_rows,
             ),
         )

@@ -27,8 +27,9 @@ from alora.attention import install, uninstall
 from alora.backend import LoraBackend, TorchBackend
 from alora.engine_loop import Channel, EngineLoop, Submission
 from alora.executor import StepExecutor
+from alora.fetcher import LoadEvent
 from alora.kv_cache import PagedKVCache
-from alora.lora import AdapterEntry, AdapterPools, LoraHooks, segment_scale
+from alora.lora import AdapterEntry, AdapterPools, LoraHooks
 from alora.model import ModelGeometry, attention_module, decoder_layers, introspect
 from alora.outputs import GenerationResult, StepOutput, StreamDelta
 from alora.prompts import (
@@ -64,26 +65,22 @@ class AdapterRuntime:
         tokenizer: Any | None = None,
         *,
         block_size: int = 16,
+        device_memory: int | None = None,
         kv_cache_blocks: int | None = None,
         kv_cache_memory: int | None = None,
         adapter_rows: int | None = None,
         adapter_memory: int | None = None,
+        host_adapter_memory: int = sizing.DEFAULT_HOST_ADAPTER_BYTES,
         max_batch_tokens: int = 2048,
         max_num_seqs: int = 64,
         lora_backend: LoraBackend | None = None,
         enable_prefix_cache: bool = True,
         max_model_len: int | None = None,
-        page_rows: int = 8,
     ) -> None:
-        if kv_cache_blocks is not None and kv_cache_memory is not None:
-            raise ValueError("give kv_cache_blocks or kv_cache_memory, not both")
-        if adapter_rows is not None and adapter_memory is not None:
-            raise ValueError("give adapter_rows or adapter_memory, not both")
         for name, value in (
             ("block_size", block_size),
             ("max_batch_tokens", max_batch_tokens),
             ("max_num_seqs", max_num_seqs),
-            ("page_rows", page_rows),
         ):
             sizing.positive_int(name, value)
 
@@ -100,35 +97,45 @@ class AdapterRuntime:
                 f"max_position_embeddings {geo.max_model_len}"
             )
         self.block_size = block_size
-        num_blocks = sizing.kv_blocks(
-            geo, block_size, kv_cache_blocks, kv_cache_memory, max_num_seqs, self.max_model_len
+        units = sizing.device_units(
+            geo,
+            block_size,
+            device_memory=device_memory,
+            kv_cache_blocks=kv_cache_blocks,
+            kv_cache_memory=kv_cache_memory,
+            adapter_rows=adapter_rows,
+            adapter_memory=adapter_memory,
+            max_num_seqs=max_num_seqs,
+            max_model_len=self.max_model_len,
         )
-        rows = sizing.adapter_rows(geo, adapter_rows, adapter_memory, page_rows)
-
         self._engine = _core.Engine(
             num_layers=geo.num_layers,
             modules=[m.as_engine_tuple() for m in geo.modules],
             block_size=block_size,
-            num_blocks=num_blocks,
+            num_blocks=units.num_units,
+            kv_dim=geo.num_kv_heads * geo.head_dim,
             max_batch_tokens=max_batch_tokens,
             max_num_seqs=max_num_seqs,
-            adapter_rows=rows,
             max_model_len=self.max_model_len,
-            page_rows=page_rows,
             enable_prefix_cache=enable_prefix_cache,
             vocab_size=geo.vocab_size,
+            kv_block_cap=units.kv_block_cap,
+            adapter_block_cap=units.adapter_block_cap,
+            host_cache_bytes=sizing.host_cache_bytes(host_adapter_memory),
         )
+        # One tensor of memory units: KV blocks and adapter rows alike (architecture 3a).
         self._cache = PagedKVCache(
             num_layers=geo.num_layers,
-            num_blocks=num_blocks,
+            num_blocks=units.num_units,
             block_size=block_size,
             num_kv_heads=geo.num_kv_heads,
             head_dim=geo.head_dim,
             dtype=self.dtype,
             device=self.device,
         )
-        self._pools = AdapterPools(geo, rows, self.dtype, self.device)
+        self._pools = AdapterPools(geo, self._cache, self._engine.row_granularity)
         self._entries: dict[int, AdapterEntry] = {}
+        self._module_names = [m.name for m in geo.modules]
         self._default_stop = _eos_ids(model, tokenizer)
 
         # Attach last, once everything that can fail has succeeded.
@@ -210,11 +217,7 @@ class AdapterRuntime:
         return info
 
     def _register(self, info: _core.AdapterInfo) -> None:
-        self._entries[info.id] = AdapterEntry(
-            info=info,
-            seg_scale=segment_scale(info, self.geometry),
-            targets=frozenset(info.target_modules),
-        )
+        self._entries[info.id] = AdapterEntry.from_info(info, self._module_names)
 
     def unload_adapter(self, name: str) -> None:
         """Remove an adapter; refused (AdapterBusyError) while requests use it."""
@@ -502,7 +505,9 @@ class AdapterRuntime:
     # ---------------------------------------------------------------------------- misc
 
     def stats(self) -> dict[str, int]:
-        """The engine's counters (free/used/total blocks, running, waiting, ...)."""
+        """The engine's counters: memory units (total_blocks; used_blocks referenced by KV,
+        cached_blocks, adapter_blocks, free_blocks), requests, adapters (registered, resident
+        on the device, in host memory) and load/eviction counts."""
         with self._loop.lock:
             return dict(self._engine.stats())
 
@@ -539,14 +544,16 @@ class AdapterRuntime:
         return self._cache
 
     @property
-    def kv_cache_bytes(self) -> int:
-        """Device bytes of the paged KV cache."""
+    def device_memory_bytes(self) -> int:
+        """Device bytes of the memory units (KV blocks and adapter rows share them)."""
         return self._cache.nbytes()
 
-    @property
-    def adapter_pool_bytes(self) -> int:
-        """Device bytes of the adapter row pools (every layer and module, A and Bt)."""
-        return self._pools.nbytes()
+    def load_events(self) -> list[LoadEvent]:
+        """Recent adapter loads, oldest first: "disk" (file -> host memory, on the fetch
+        threads) and "device" (host -> device rows, in a step's pre-work), with seconds."""
+        with self._loop.lock:
+            events = [*self._loop.fetcher.events, *self._executor.load_events]
+        return sorted(events, key=lambda e: e.at)
 
     @property
     def attached(self) -> bool:

@@ -20,6 +20,7 @@ CPU_KV_BYTES = 1 << 30  # default KV budget without a GPU
 CPU_ADAPTER_BYTES = 1 << 30
 MIN_BLOCKS = 4
 DEFAULT_ADAPTER_ROWS = 1024  # the old default adapter budget, in rows of every module
+DEFAULT_HOST_ADAPTER_BYTES = 1 << 30  # host LRU of adapter weights read from disk
 
 
 class DeviceUnits(NamedTuple):

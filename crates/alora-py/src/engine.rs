@@ -313,6 +313,16 @@ impl PyEngine {
         Ok(Some(PyStepPlan::new(py, p, weights)?))
     }
 
+    /// Memory units a registered adapter occupies when resident on the device.
+    fn adapter_units(&self, name: &str) -> PyResult<usize> {
+        let id = self.inner.registry().get(name).py()?.id;
+        Ok(self
+            .inner
+            .scheduler()
+            .adapter_units(id)
+            .expect("registered adapters have a shape"))
+    }
+
     /// Adapter ids that queued requests need read from disk, in queue order.
     fn pending_fetches(&self) -> Vec<u64> {
         self.inner.pending_fetches()

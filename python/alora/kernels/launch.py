@@ -253,7 +253,7 @@ def expand_launch(
             _i32(plan.nsplit),
             _i32(plan.t_active),
             _i32(plan.ldv),
-            *_batch_args(batch),
+            *_batch_args(batch.bt),  # expand reads the Bt rows
             _ptr(batch.seg_scale),
             _i32(vec_mask),
         ),
