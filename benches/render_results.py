@@ -285,6 +285,12 @@ def runtime(results: Path) -> list[str]:
     return out
 
 
+def memory(d: dict[str, Any]) -> list[str]:
+    from bench_memory import markdown  # the bench owns its section's layout
+
+    return markdown(d)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "forward": forward,
     "forward_r2": forward,
@@ -293,6 +299,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "chain_smollm2_r2": chain,
     "fanout": fanout,
     "trace": trace,
+    "memory": memory,
     "core_scheduler": core,
 }
 
