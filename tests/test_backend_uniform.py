@@ -44,7 +44,7 @@ def test_uniform_form_matches_oracle(
     rows = [list(range(lo + a * rank, lo + (a + 1) * rank)) for a in range(n)]
     scales = [0.5 + a for a in range(n)]
     batch = make_batch(seg_tokens, [rank] * n, rows, scales)
-    assert batch.uniform == (lo, rank, tokens == list(range(n)), 1)
+    assert batch.uniform == (lo, rank, tokens == list(range(n)), 1, rank)
     x = torch.randn(num_tokens, d_in, generator=g, dtype=dtype)
     y = torch.randn(num_tokens, d_out, generator=g, dtype=dtype)
     a_pool = torch.randn(lo + n * rank + 3, d_in, generator=g, dtype=dtype)
@@ -84,7 +84,8 @@ def test_uniform_form_on_strided_views(
     scales = [0.5 + a for a in range(n)]
     batch = make_batch(seg_tokens, [rank] * n, [[ids[p] for p in rs] for rs in rows], scales)
     step = -(-(d_in + d_out) // g)
-    assert batch.uniform == (ids[0], rank, True, step if n * rank > 1 else 1)
+    in_seg = step if rank > 1 else 1
+    assert batch.uniform == (ids[0], rank, True, in_seg, rank * step if n > 1 else rank * in_seg)
     ref = oracle(y, x, a_pool, bt_pool, seg_tokens, rows, scales)
     got = y.clone()
     TorchBackend().add_lora(got, x, a_view, bt_view, batch)
@@ -94,8 +95,27 @@ def test_uniform_form_on_strided_views(
 def test_layouts_that_are_not_uniform() -> None:
     two_tokens = make_batch([[0, 1], [2]], [2, 2], [[0, 1], [2, 3]], [1.0, 1.0])
     mixed_ranks = make_batch([[0], [1]], [2, 3], [[0, 1], [2, 3, 4]], [1.0, 1.0])
-    gap = make_batch([[0], [1]], [2, 2], [[0, 1], [3, 4]], [1.0, 1.0])
+    steps = make_batch([[0], [1]], [2, 2], [[0, 1], [3, 5]], [1.0, 1.0])
+    uneven = make_batch([[0], [1], [2]], [2, 2, 2], [[0, 1], [3, 4], [9, 10]], [1.0] * 3)
     swapped = make_batch([[0], [1]], [2, 2], [[2, 3], [0, 1]], [1.0, 1.0])
     inner = make_batch([[0], [1]], [2, 2], [[1, 0], [2, 3]], [1.0, 1.0])
-    for batch in (two_tokens, mixed_ranks, gap, swapped, inner):
+    for batch in (two_tokens, mixed_ranks, steps, uneven, swapped, inner):
         assert batch.uniform is None
+
+
+def test_segments_apart_are_uniform_with_a_stride() -> None:
+    """Adapters in runs of units loaded in order: each segment's rows a progression, the
+    segments a progression of their own (a gap between them is fine)."""
+    gen = torch.Generator().manual_seed(0)
+    n, rank, d_in, d_out = 3, 2, 5, 4
+    rows = [[a * 7 + 2 * j + 1 for j in range(rank)] for a in range(n)]
+    batch = make_batch([[a] for a in range(n)], [rank] * n, rows, [0.5, 1.0, 2.0])
+    assert batch.uniform == (1, rank, True, 2, 7)
+    x = torch.randn(n, d_in, generator=gen)
+    y = torch.randn(n, d_out, generator=gen)
+    a_pool = torch.randn(20, d_in, generator=gen)
+    bt_pool = torch.randn(20, d_out, generator=gen)
+    ref = oracle(y, x, a_pool, bt_pool, [[a] for a in range(n)], rows, [0.5, 1.0, 2.0])
+    got = y.clone()
+    TorchBackend().add_lora(got, x, a_pool, bt_pool, batch)
+    assert (got.double() - ref).norm() / ref.norm() < 1e-5

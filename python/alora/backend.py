@@ -153,12 +153,12 @@ class LoraBatch:
         return cache[num_tokens]
 
     @cached_property
-    def uniform(self) -> tuple[int, int, bool, int] | None:
-        """(first row, rank, tokens are 0..n-1, row step) when segment a holds exactly one
-        token and the rows are lo + step * (a*rank .. (a+1)*rank - 1): then A/Bt rows are one
-        [n, rank, dim] view of the pool and both products are a `bmm` over it, with no row
-        gather (the usual decode step of n requests on n adapters loaded in order). Else
-        None."""
+    def uniform(self) -> tuple[int, int, bool, int, int] | None:
+        """(first row, rank, tokens are 0..n-1, row step, segment stride) when segment a holds
+        exactly one token and its rows are lo + a * stride + step * (0 .. rank - 1): then A/Bt
+        rows are one strided [n, rank, dim] view of the pool and both products are a `bmm`
+        over it, with no row gather (a decode step of n requests on n same-shaped adapters
+        held in runs of units loaded in order). Else None."""
         n = self.num_segments
         if n == 0 or self.max_seg_tokens != 1 or self.num_active != n:
             return None
@@ -168,11 +168,27 @@ class LoraBatch:
             return None
         if not bool((np.diff(rstarts) == rank).all()):
             return None
-        prog = _progression(self.host_rows()[: n * rank])
-        if prog is None:
+        rows = self.host_rows()[: n * rank].astype(np.int64).reshape(n, rank)
+        step = int(rows[0, 1] - rows[0, 0]) if rank > 1 else 1
+        if step <= 0 or not bool((np.diff(rows, axis=1) == step).all()):
+            return None
+        stride = int(rows[1, 0] - rows[0, 0]) if n > 1 else rank * step
+        if stride <= 0 or not bool((np.diff(rows[:, 0]) == stride).all()):
             return None
         tok = self.host_token_idx()
-        return prog[0], rank, bool((tok == np.arange(n)).all()), prog[1]
+        return int(rows[0, 0]), rank, bool((tok == np.arange(n)).all()), step, stride
+
+
+def _segment_view(
+    pool: torch.Tensor, n: int, uniform: tuple[int, int, bool, int, int]
+) -> torch.Tensor:
+    """[n, rank, dim] view of a pool [R, dim] (any row stride): segment a's rows lo +
+    a * stride + step * j. Read-only: its windows may overlap in a strided pool."""
+    lo, rank, _, step, stride = uniform
+    rs, cs = pool.stride()
+    return pool.as_strided(
+        (n, rank, pool.shape[1]), (stride * rs, step * rs, cs), pool.storage_offset() + lo * rs
+    )
 
 
 def _progression(values: np.ndarray) -> tuple[int, int] | None:
@@ -303,19 +319,16 @@ class TorchBackend:
         a_pool: torch.Tensor,
         bt_pool: torch.Tensor,
         batch: LoraBatch,
-        uniform: tuple[int, int, bool, int],
-        bt_uniform: tuple[int, int, bool, int],
+        uniform: tuple[int, int, bool, int, int],
+        bt_uniform: tuple[int, int, bool, int, int],
     ) -> None:
         """One token per segment, rows laid out segment after segment: a batched mat-vec
         over pool views reads each row once and copies none (about 2x the gathered form
         for 16 rank-16 adapters at hidden 512-2048, measured)."""
-        lo, rank, identity, step = uniform
-        blo, _, _, bstep = bt_uniform
+        lo, rank, identity, _, _ = uniform
         n = batch.num_segments
-        sl = slice(lo, lo + step * (n * rank - 1) + 1, step)
-        bsl = slice(blo, blo + bstep * (n * rank - 1) + 1, bstep)
-        a = a_pool[sl].view(n, rank, -1)
-        bt = bt_pool[bsl].view(n, rank, -1)
+        a = _segment_view(a_pool, n, uniform)
+        bt = _segment_view(bt_pool, n, bt_uniform)
         xs = x[:n] if identity else x.index_select(0, batch.token_idx)
         # Row-vector times transposed rows: 4-5x faster on the CPU than a @ x as columns.
         v = torch.bmm(xs[:, None, :], a.transpose(1, 2))  # [n, 1, rank]

@@ -100,7 +100,17 @@ impl UnitGeometry {
     }
 
     /// Row ids of an adapter's rows given its units (see [`AdapterRows`]).
+    ///
+    /// On consecutive units, the K sides of the run form one contiguous region per layer
+    /// (and so do the V sides): each module's A and Bt matrices are then laid out whole, row
+    /// after row, when they fit, so that the LoRA op reads them as strided views.
     pub fn rows(&self, module_ranks: &[usize], units: &[BlockId]) -> AdapterRows {
+        let consecutive = units.windows(2).all(|w| w[1] == w[0] + 1);
+        if let (true, Some(&first)) = (consecutive, units.first()) {
+            if let Some(r) = self.matrix_rows(module_ranks, first as usize, units.len()) {
+                return r;
+            }
+        }
         let (pieces, place) = pack(self, module_ranks);
         debug_assert!(pieces.div_ceil(2) <= units.len());
         let pc = self.piece_chunks();
@@ -120,6 +130,50 @@ impl UnitGeometry {
             r.row_start.push(r.a_rows.len() as i32);
         }
         r
+    }
+}
+
+impl UnitGeometry {
+    /// Whole matrices in the two regions of `n` consecutive units from `first` (K sides,
+    /// V sides), first-fit decreasing by size; `None` when they do not fit.
+    fn matrix_rows(&self, module_ranks: &[usize], first: usize, n: usize) -> Option<AdapterRows> {
+        let g = self.granularity;
+        let region = n * self.piece_chunks();
+        let base = [
+            first * self.piece_chunks(),
+            (self.num_units + first) * self.piece_chunks(),
+        ];
+        // (chunks, module, side) of every matrix, largest first.
+        let mut mats: Vec<(usize, usize, usize)> = Vec::new();
+        for (m, &r) in module_ranks.iter().enumerate() {
+            if r > 0 {
+                let (i, o) = self.item_elems[m];
+                mats.push((r * i / g, m, 0));
+                mats.push((r * o / g, m, 1));
+            }
+        }
+        mats.sort_by_key(|&(size, m, side)| (std::cmp::Reverse(size), m, side));
+        let mut used = [0usize; 2];
+        let mut start = vec![[0usize; 2]; module_ranks.len()];
+        for (size, m, side) in mats {
+            let bin = (0..2).find(|&b| used[b] + size <= region)?;
+            start[m][side] = base[bin] + used[bin];
+            used[bin] += size;
+        }
+        let mut r = AdapterRows {
+            row_start: vec![0],
+            a_rows: Vec::new(),
+            bt_rows: Vec::new(),
+        };
+        for (m, &rank) in module_ranks.iter().enumerate() {
+            let (i, o) = self.item_elems[m];
+            for j in 0..rank {
+                r.a_rows.push((start[m][0] + j * i / g) as i32);
+                r.bt_rows.push((start[m][1] + j * o / g) as i32);
+            }
+            r.row_start.push(r.a_rows.len() as i32);
+        }
+        Some(r)
     }
 }
 
@@ -363,6 +417,32 @@ mod tests {
     }
 
     #[test]
+    fn consecutive_units_hold_whole_matrices() {
+        // Demo model shapes: hidden 512, kv_dim 256, block_size 16 (P = 4096).
+        let d = [(512, 512), (512, 256), (512, 256), (512, 512)];
+        let g = geo(16 * 256, &d, 64);
+        let ranks = [16, 16, 16, 16];
+        let n = g.units_for(&ranks);
+        let units: Vec<BlockId> = (10..10 + n as u32).collect();
+        let r = g.rows(&ranks, &units);
+        for m in 0..4 {
+            let span = r.row_start[m] as usize..r.row_start[m + 1] as usize;
+            for (ids, w) in [
+                (&r.a_rows[span.clone()], d[m].0),
+                (&r.bt_rows[span], d[m].1),
+            ] {
+                let step = (w / g.granularity) as i32;
+                assert!(ids.windows(2).all(|p| p[1] - p[0] == step), "module {m}");
+            }
+        }
+        // Scattered units: rows placed one by one, not whole matrices.
+        let scattered: Vec<BlockId> = (0..n as u32).map(|i| 3 * i).collect();
+        let r = g.rows(&ranks, &scattered);
+        let q = &r.a_rows[..16];
+        assert!(!q.windows(2).all(|p| p[1] - p[0] == q[1] - q[0]));
+    }
+
+    #[test]
     fn oversized_rows_and_row_space_are_refused() {
         let mods = vec![("up".to_string(), 64, 320)];
         let e = UnitGeometry::new(4, 32, &mods, 4).unwrap_err();
@@ -403,7 +483,10 @@ mod tests {
                 s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 all.swap(i, (s >> 33) as usize % (i + 1));
             }
-            let units = &all[..need];
+            // Consecutive units (whole matrices) or scattered ones (rows placed singly).
+            let lo = (total_units - need).min(3) as u32;
+            let run: Vec<BlockId> = (lo..lo + need as u32).collect();
+            let units = if seed % 2 == 0 { &run[..] } else { &all[..need] };
             let rows = g.rows(ranks, units);
             prop_assert_eq!(rows.row_start.len(), ranks.len() + 1);
             let side = total_units * piece;
@@ -422,11 +505,9 @@ mod tests {
                     prop_assert_eq!(ids.len(), r);
                     for &c in ids {
                         let start = c as usize * g.granularity;
-                        let (sd, off) = (start / side, start % side);
-                        let unit = off / piece;
-                        prop_assert!(owned.contains(&(sd, unit)), "row outside owned units");
-                        prop_assert!(off % piece + w <= piece, "row crosses a piece");
                         for e in start..start + w {
+                            let unit = (e % side) / piece;
+                            prop_assert!(owned.contains(&(e / side, unit)), "row outside owned units");
                             prop_assert!(used.insert(e), "element {} used twice", e);
                         }
                     }

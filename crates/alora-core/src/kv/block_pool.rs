@@ -308,12 +308,16 @@ impl BlockPool {
                 (None, None) => unreachable!("checked by can_make_resident"),
             }
         }
-        let mut taken = Vec::with_capacity(units);
-        for _ in 0..units {
-            let b = self.empty.head;
+        // A run of consecutive units when the empty ones hold one: then the adapter's rows
+        // can lie as whole matrices (see `UnitGeometry::rows`), which the LoRA op reads as
+        // strided views instead of gathering them.
+        let taken = match self.empty_run(units) {
+            Some(first) => (first..first + units as u32).collect(),
+            None => self.walk(self.empty)[..units].to_vec(),
+        };
+        for &b in &taken {
             self.unlink(b);
             self.blocks[b as usize].adapter = true;
-            taken.push(b);
         }
         let t = self.tick();
         self.adapters.insert(id, taken.clone(), t);
@@ -321,6 +325,22 @@ impl BlockPool {
             units: taken,
             evicted: self.evicted[first_evicted..].to_vec(),
         })
+    }
+
+    /// The first unit of the lowest run of `n` consecutive empty units, if any.
+    fn empty_run(&self, n: usize) -> Option<BlockId> {
+        let mut ids = self.walk(self.empty);
+        ids.sort_unstable();
+        let mut start = 0;
+        for i in 0..ids.len() {
+            if i > 0 && ids[i] != ids[i - 1] + 1 {
+                start = i;
+            }
+            if i + 1 - start == n {
+                return Some(ids[start]);
+            }
+        }
+        None
     }
 
     fn evict_adapter_units(&mut self, id: AdapterId) {
