@@ -425,12 +425,9 @@ mod tests {
         let n = g.units_for(&ranks);
         let units: Vec<BlockId> = (10..10 + n as u32).collect();
         let r = g.rows(&ranks, &units);
-        for m in 0..4 {
+        for (m, &(i, o)) in d.iter().enumerate() {
             let span = r.row_start[m] as usize..r.row_start[m + 1] as usize;
-            for (ids, w) in [
-                (&r.a_rows[span.clone()], d[m].0),
-                (&r.bt_rows[span], d[m].1),
-            ] {
+            for (ids, w) in [(&r.a_rows[span.clone()], i), (&r.bt_rows[span], o)] {
                 let step = (w / g.granularity) as i32;
                 assert!(ids.windows(2).all(|p| p[1] - p[0] == step), "module {m}");
             }
