@@ -196,8 +196,10 @@ def test_geometry_errors() -> None:
         cache.row_views(6, 10, 0)
     ids = lambda *v: np.array(v, dtype=np.int32)  # noqa: E731
     z = torch.zeros(1, 1, 6), torch.zeros(1, 1, 10)
-    with pytest.raises(ValueError, match="straddles"):
-        cache.write_rows(6, 10, 2, ids(6), ids(8), *z)  # A at [12, 18) crosses 16
+    with pytest.raises(ValueError, match="straddles the K and V sides"):
+        cache.write_rows(6, 10, 2, ids(14), ids(0), *z)  # A at [28, 34) crosses S = 32
+    # Across a unit boundary within a side is fine: a run of consecutive units.
+    cache.write_rows(6, 10, 2, ids(6), ids(9), *z)  # A at [12, 18) crosses unit 0 -> 1
     with pytest.raises(ValueError, match="range"):
         cache.write_rows(6, 10, 2, ids(99), ids(8), *z)
     with pytest.raises(ValueError, match="overlap"):

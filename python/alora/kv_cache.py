@@ -135,9 +135,11 @@ class PagedKVCache:
 
     def check_rows(self, groups: list[tuple[np.ndarray, int]], granularity: int) -> None:
         """ValueError unless every row (ids of a given width, per group) is in range, lies
-        inside one unit's K or V part, and overlaps no other row of any group (the core
-        guarantees all three; this cheap host check guards KV blocks of other units)."""
-        g, p = granularity, self.P
+        inside the K side or the V side of the layer's arena, and overlaps no other row of
+        any group. The core guarantees more (rows inside the adapter's own units; a row may
+        run from one unit into the next only within a run of consecutive units it holds);
+        this cheap host check catches an addressing bug before the write spreads it."""
+        g, side = granularity, self.S
         starts, ends = [], []
         for ids, width in groups:
             total = self.num_rows(width, g)
@@ -147,9 +149,10 @@ class PagedKVCache:
             if int(ids.min()) < 0 or int(ids.max()) >= total:
                 raise ValueError(f"row ids out of range [0, {total}): {ids.min()}..{ids.max()}")
             start = ids * g
-            if bool(((start % p) + width > p).any()):
+            if bool(((start % side) + width > side).any()):
                 raise ValueError(
-                    f"a row of {width} elements at a row id straddles a unit ({p} elements)"
+                    f"a row of {width} elements at a row id straddles the K and V sides "
+                    f"({side} elements each)"
                 )
             starts.append(start)
             ends.append(start + width)
