@@ -256,3 +256,22 @@ def test_real_hf_tokenizer_grammar_and_detokenizer() -> None:
             break
         out.append(t)
     assert 0 <= json.loads(tok.decode(out))["n"] <= 99
+
+
+def test_engine_flags_become_runtime_sizes() -> None:
+    import argparse
+
+    from alora.serving import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(
+        ["--device-memory", "2GiB", "--adapter-memory", "512MiB", "--host-adapter-memory", "1GiB"]
+    )
+    assert cli.runtime_kwargs(args) == {
+        "max_num_seqs": 64,
+        "device_memory": 2 << 30,
+        "adapter_memory": 512 << 20,
+        "host_adapter_memory": 1 << 30,
+    }
+    assert cli.runtime_kwargs(parser.parse_args([])) == {"max_num_seqs": 64}

@@ -67,7 +67,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
     m.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if any)")
     e = parser.add_argument_group("engine")
-    e.add_argument("--kv-cache-memory", type=parse_bytes, help="KV cache size, e.g. 4GiB")
+    e.add_argument(
+        "--device-memory",
+        type=parse_bytes,
+        help="device memory that KV blocks and adapters share, e.g. 4GiB",
+    )
+    e.add_argument("--kv-cache-memory", type=parse_bytes, help="cap on the KV cache, e.g. 2GiB")
+    e.add_argument("--adapter-memory", type=parse_bytes, help="cap on adapters on the device")
+    e.add_argument(
+        "--host-adapter-memory",
+        type=parse_bytes,
+        help="host memory for adapter weights read from disk (default 1GiB)",
+    )
     e.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
     e.add_argument("--max-model-len", type=int, default=None)
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -100,6 +111,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds to let in-flight requests finish on SIGTERM before aborting",
     )
     s.add_argument("--log-level", default="info")
+
+
+def runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """AdapterRuntime keywords from the engine flags (sizes only where given)."""
+    kwargs: dict[str, Any] = {"max_num_seqs": args.max_num_seqs}
+    for flag in ("device_memory", "kv_cache_memory", "adapter_memory", "host_adapter_memory"):
+        if getattr(args, flag) is not None:
+            kwargs[flag] = getattr(args, flag)
+    if args.max_model_len:
+        kwargs["max_model_len"] = args.max_model_len
+    return kwargs
 
 
 def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
@@ -153,12 +175,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer, default_name = load(args)
-    kwargs: dict[str, Any] = {"max_num_seqs": args.max_num_seqs}
-    if args.kv_cache_memory:
-        kwargs["kv_cache_memory"] = args.kv_cache_memory
-    if args.max_model_len:
-        kwargs["max_model_len"] = args.max_model_len
-    rt = AdapterRuntime(model, tokenizer, **kwargs)
+    rt = AdapterRuntime(model, tokenizer, **runtime_kwargs(args))
     for name, path in _adapters(args):
         rt.load_adapter(name, path)
     name = args.served_model_name or default_name

@@ -138,11 +138,7 @@ def build_runtime(spec: EngineSpec) -> tuple[Any, Any]:
     torch.set_num_threads(spec.threads)
     args = spec.args()
     model, tokenizer, default_name = cli.load(args)
-    kwargs: dict[str, Any] = {"max_num_seqs": args.max_num_seqs}
-    if args.kv_cache_memory:
-        kwargs["kv_cache_memory"] = args.kv_cache_memory
-    if args.max_model_len:
-        kwargs["max_model_len"] = args.max_model_len
+    kwargs = cli.runtime_kwargs(args)
     kwargs.update(spec.runtime_kwargs)
     rt = AdapterRuntime(model, tokenizer, **kwargs)
     for name, path in args.adapter:  # --adapter in argv: loaded eagerly on every replica
