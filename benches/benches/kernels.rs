@@ -346,7 +346,7 @@ impl Problem {
         } else {
             &gpu.shrink_seg
         };
-        let (null, one, in_f) = (0u64, 1i32, HIDDEN as i32);
+        let (null, one, in_f, zero) = (0u64, 1i32, HIDDEN as i32, 0i32);
         let (ldv, ks, t, vec_ok) = (
             self.shape.rank as i32,
             self.ks as i32,
@@ -360,8 +360,12 @@ impl Problem {
             .arg(&self.seg_rank)
             .arg(&self.seg_row_start)
             .arg(&self.rows);
+        // Row strides of the three A pools (contiguous [R, in] here; unused slots 0).
         b.arg(&mut self.vp)
             .arg(&in_f)
+            .arg(&in_f)
+            .arg(&zero)
+            .arg(&zero)
             .arg(&ldv)
             .arg(&ks)
             .arg(&t)
@@ -391,7 +395,9 @@ impl Problem {
             .arg(&self.bt)
             .arg(&null)
             .arg(&null);
-        b.arg(&out).arg(&zero).arg(&zero).arg(&ct).arg(&ct).arg(&ct);
+        b.arg(&out).arg(&zero).arg(&zero);
+        b.arg(&out).arg(&zero).arg(&zero); // row strides of the Bt pools (contiguous [R, out])
+        b.arg(&ct).arg(&ct).arg(&ct);
         b.arg(&self.vp).arg(&nsplit).arg(&t).arg(&ldv);
         b.arg(&self.token_idx)
             .arg(&self.seg_start)
