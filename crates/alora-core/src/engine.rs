@@ -44,6 +44,15 @@ pub struct RequestParams {
     pub stop_token_ids: Vec<u32>,
 }
 
+/// Whether an adapter's weights are in host memory (read, or loaded from memory). A free
+/// function so that `schedule` can use it while the scheduler is borrowed mutably.
+fn host_ready(host: &HostCache, by_id: &FxHashMap<AdapterId, Arc<Adapter>>, id: AdapterId) -> bool {
+    host.contains(id)
+        || by_id
+            .get(&id)
+            .is_some_and(|a| a.weights_in_memory().is_some())
+}
+
 impl Engine {
     /// `kv_dim` = kv_heads × head_dim: with `block_size` it sets the unit geometry that
     /// adapter rows are packed into.
@@ -270,13 +279,8 @@ impl Engine {
         Ok(id)
     }
 
-    /// Whether an adapter's weights are in host memory (read, or loaded from memory).
     fn host_ready(&self, id: AdapterId) -> bool {
-        self.host.contains(id)
-            || self
-                .by_id
-                .get(&id)
-                .is_some_and(|a| a.weights_in_memory().is_some())
+        host_ready(&self.host, &self.by_id, id)
     }
 
     /// The next step, or `None` when nothing can run now: no requests, or every runnable
@@ -284,13 +288,7 @@ impl Engine {
     /// which).
     pub fn schedule(&mut self) -> Result<Option<StepPlan>> {
         let (host, by_id) = (&self.host, &self.by_id);
-        let ready = |id: AdapterId| {
-            host.contains(id)
-                || by_id
-                    .get(&id)
-                    .is_some_and(|a| a.weights_in_memory().is_some())
-        };
-        self.scheduler.schedule(&ready)
+        self.scheduler.schedule(&|id| host_ready(host, by_id, id))
     }
 
     /// The host weights of each page-in of `plan`, in order. They were in host memory when
@@ -346,11 +344,6 @@ impl Engine {
         self.host_loads += 1;
         self.host_evictions += evicted.len() as u64;
         Ok(())
-    }
-
-    /// Registered adapter by id.
-    pub fn adapter_by_id(&self, id: AdapterId) -> Option<&Arc<Adapter>> {
-        self.by_id.get(&id)
     }
 
     pub fn commit(&mut self, step_id: u64, sampled: &[i64]) -> Result<Vec<RequestOutput>> {

@@ -287,10 +287,6 @@ impl ResidentAdapters {
     pub fn resident(&self) -> Vec<AdapterId> {
         self.entries.keys().copied().collect()
     }
-    /// Unpinned resident adapters, least recently used first.
-    pub fn eviction_order(&self) -> Vec<AdapterId> {
-        self.lru.values().copied().collect()
-    }
     /// (tick, id) of the least recently used unpinned adapter.
     pub fn lru_head(&self) -> Option<(u64, AdapterId)> {
         self.lru.first_key_value().map(|(&t, &id)| (t, id))

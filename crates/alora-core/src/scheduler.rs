@@ -19,7 +19,7 @@ use rustc_hash::FxHashMap;
 use crate::adapters::AdapterId;
 use crate::error::{Error, Result};
 use crate::kv::BlockPool;
-use crate::kv::{BlockId, KvManager};
+use crate::kv::{BlockId, KvManager, PrefixMatch};
 use crate::pages::{AdapterRows, Residency, UnitGeometry};
 use crate::plan::{AdapterLoad, StepPlan};
 use crate::request::{FinishReason, Request, RequestId, RequestOutput, Status};
@@ -97,7 +97,7 @@ struct InFlight {
 /// Device shape of a registered adapter: its rank per module and the units that takes.
 #[derive(Debug, Clone)]
 struct Shape {
-    module_ranks: Box<[u32]>,
+    module_ranks: Box<[usize]>,
     units: usize,
 }
 
@@ -177,7 +177,7 @@ impl Scheduler {
         self.shapes.insert(
             id,
             Shape {
-                module_ranks: module_ranks.iter().map(|&r| r as u32).collect(),
+                module_ranks: module_ranks.into(),
                 units,
             },
         );
@@ -315,16 +315,19 @@ impl Scheduler {
             }
             // Without side effects first: its new blocks and units must fit in what is free
             // or evictable (the adapter's own units, if resident, stay out of that).
-            let mut m = self.kv.match_prefix(&r.tokens, r.kv_adapter());
-            let mut need = usize::MAX;
-            for drop_copy in [false, true] {
-                if drop_copy {
-                    m.copy = None;
-                }
-                let cached = m.cached_tokens(bs);
-                let n = (r.tokens.len() - cached).min(budget);
-                need = need.min(self.kv.blocks_needed(&r.kv, Some(&m), cached + n));
-            }
+            let matched = self.kv.match_prefix(&r.tokens, r.kv_adapter());
+            let need = {
+                let needed = |m: &PrefixMatch| {
+                    let cached = m.cached_tokens(bs);
+                    let n = (r.tokens.len() - cached).min(budget);
+                    self.kv.blocks_needed(&r.kv, Some(m), cached + n)
+                };
+                let without_copy = PrefixMatch {
+                    copy: None,
+                    ..matched.clone()
+                };
+                needed(&matched).min(needed(&without_copy))
+            };
             let pool = &self.kv.pool;
             let own_evictable = match active {
                 Some(a) if pool.adapters().pin_count(a.id) == 0 => {
@@ -349,7 +352,12 @@ impl Scheduler {
                 self.forget_evicted();
             }
             let r = &self.requests[&id];
-            let mut m = self.kv.match_prefix(&r.tokens, r.kv_adapter());
+            // A page-in may have evicted cached blocks this match counted on: match again.
+            let mut m = if fresh.is_some() {
+                self.kv.match_prefix(&r.tokens, r.kv_adapter())
+            } else {
+                matched
+            };
             let mut cached = m.cached_tokens(bs);
             let mut n = (r.tokens.len() - cached).min(budget);
             let mut total = cached + n;
@@ -371,9 +379,7 @@ impl Scheduler {
                 break;
             }
             if let (Some(a), Some(units)) = (active, fresh) {
-                let shape = &self.shapes[&a.id];
-                let ranks: Vec<usize> = shape.module_ranks.iter().map(|&r| r as usize).collect();
-                let rows = self.geo.rows(&ranks, &units);
+                let rows = self.geo.rows(&self.shapes[&a.id].module_ranks, &units);
                 self.stats.adapter_loads += 1;
                 loads.push(AdapterLoad {
                     id: a.id,

@@ -48,6 +48,12 @@ struct Block {
     adapter: bool,
 }
 
+/// The next unit (or units) the shared LRU gives up.
+enum Victim {
+    Block(BlockId),
+    Adapter(AdapterId),
+}
+
 /// Cap on partially filled candidates kept per (parent, key): enough for fan-out, bounded.
 const MAX_PARTIALS: usize = 8;
 
@@ -198,24 +204,37 @@ impl BlockPool {
                 self.blocks[id as usize].ref_cnt = 1;
                 return Some(id);
             }
-            let cached = (self.cached.head != NIL).then(|| {
-                (
-                    self.blocks[self.cached.head as usize].freed_at,
-                    self.cached.head,
-                )
-            });
-            let adapter = if room { self.adapters.lru_head() } else { None };
-            match (cached, adapter) {
-                (Some((tb, _)), Some((ta, a))) if ta < tb => self.evict_adapter_units(a),
-                (Some((_, id)), _) => {
+            match self.lru_victim(room)? {
+                Victim::Adapter(a) => self.evict_adapter_units(a),
+                Victim::Block(id) => {
                     self.unlink(id);
                     self.drop_content(id);
                     self.blocks[id as usize].ref_cnt = 1;
                     return Some(id);
                 }
-                (None, Some((_, a))) => self.evict_adapter_units(a),
-                (None, None) => return None,
             }
+        }
+    }
+
+    /// What the shared LRU gives up next: the older of the oldest cached block and (when
+    /// `adapters`) the oldest unpinned adapter.
+    fn lru_victim(&self, adapters: bool) -> Option<Victim> {
+        let cached = (self.cached.head != NIL).then(|| {
+            (
+                self.blocks[self.cached.head as usize].freed_at,
+                self.cached.head,
+            )
+        });
+        let adapter = if adapters {
+            self.adapters.lru_head()
+        } else {
+            None
+        };
+        match (cached, adapter) {
+            (Some((tb, _)), Some((ta, a))) if ta < tb => Some(Victim::Adapter(a)),
+            (Some((_, b)), _) => Some(Victim::Block(b)),
+            (None, Some((_, a))) => Some(Victim::Adapter(a)),
+            (None, None) => None,
         }
     }
 
@@ -291,21 +310,13 @@ impl BlockPool {
             self.evict_adapter_units(a);
         }
         while self.empty.len < units {
-            let cached = (self.cached.head != NIL).then(|| {
-                (
-                    self.blocks[self.cached.head as usize].freed_at,
-                    self.cached.head,
-                )
-            });
-            match (cached, self.adapters.lru_head()) {
-                (Some((tb, _)), Some((ta, a))) if ta < tb => self.evict_adapter_units(a),
-                (Some((_, b)), _) => {
+            match self.lru_victim(true).expect("checked by can_make_resident") {
+                Victim::Adapter(a) => self.evict_adapter_units(a),
+                Victim::Block(b) => {
                     self.unlink(b);
                     self.drop_content(b);
                     self.push(b, Where::Empty, false);
                 }
-                (None, Some((_, a))) => self.evict_adapter_units(a),
-                (None, None) => unreachable!("checked by can_make_resident"),
             }
         }
         // A run of consecutive units when the empty ones hold one: then the adapter's rows
@@ -343,16 +354,13 @@ impl BlockPool {
         None
     }
 
+    /// An eviction by the LRU: recorded for `take_evicted` (an `evict_adapter` by the caller
+    /// is not).
     fn evict_adapter_units(&mut self, id: AdapterId) {
-        let units = self
-            .adapters
-            .remove(id)
-            .expect("only unpinned adapters are evicted")
-            .expect("resident");
-        for u in units {
-            self.blocks[u as usize].adapter = false;
-            self.push(u, Where::Empty, false);
-        }
+        let was_resident = self
+            .evict_adapter(id)
+            .expect("only unpinned adapters are evicted");
+        debug_assert!(was_resident);
         self.evicted.push(id);
     }
 
