@@ -89,6 +89,34 @@ def oracle(y, x, a_pool, bt_pool, seg_tokens, rows, scales) -> torch.Tensor:
     return out
 
 
+def arrange(form: str, num_tokens: int, ranks, rows, seg_tokens, scales):  # type: ignore[no-untyped-def]
+    """Shape a drawn problem for `form`: "views" gets contiguous tokens and rows per segment
+    (the per-segment view form), "dense" every token active (the dense form is chosen)."""
+    if form == "views":
+        sizes = [len(seg) for seg in seg_tokens]
+        bounds = np.minimum(np.cumsum([0, *sizes]), num_tokens)
+        seg_tokens = [list(range(b0, b1)) for b0, b1 in itertools.pairwise(bounds)]
+        offsets = np.cumsum([0, *ranks])
+        rows = [list(range(o, o + r)) for o, r in zip(offsets, ranks, strict=False)]
+    if form == "dense":
+        owner = {t for seg in seg_tokens for t in seg}
+        spare = [t for t in range(num_tokens) if t not in owner]
+        seg_tokens = [seg_tokens[0] + spare, *seg_tokens[1:]]
+        if len(seg_tokens) == 1:
+            seg_tokens.append([])
+            ranks, rows, scales = [*ranks, 1], [*rows, [rows[0][0]]], [*scales, 1.0]
+    return ranks, rows, seg_tokens, scales
+
+
+def check_against_oracle(got, y, ref, seg_tokens, num_tokens) -> None:  # type: ignore[no-untyped-def]
+    err = (got.double() - ref).norm() / ref.norm().clamp_min(1e-12)
+    assert err < 1e-5
+    active = {t for seg in seg_tokens for t in seg}
+    for t in range(num_tokens):
+        if t not in active:
+            assert torch.equal(got[t], y[t]), "inactive token modified"
+
+
 @settings(max_examples=60, deadline=None)
 @given(problems(), st.sampled_from(["loop", "gather", "dense", "views"]))
 def test_backend_matches_float64_oracle(problem: tuple, form: str) -> None:
@@ -98,30 +126,13 @@ def test_backend_matches_float64_oracle(problem: tuple, form: str) -> None:
     y = torch.randn(num_tokens, d_out, generator=g)
     a_pool = torch.randn(pool_rows, d_in, generator=g)
     bt_pool = torch.randn(pool_rows, d_out, generator=g)
-    if form == "views":  # contiguous tokens and rows per segment: the per-segment view form
-        sizes = [len(seg) for seg in seg_tokens]
-        bounds = np.minimum(np.cumsum([0, *sizes]), num_tokens)
-        seg_tokens = [list(range(b0, b1)) for b0, b1 in itertools.pairwise(bounds)]
-        offsets = np.cumsum([0, *ranks])
-        rows = [list(range(o, o + r)) for o, r in zip(offsets, ranks, strict=False)]
-    if form == "dense":  # every token active, so the dense form is chosen
-        owner = {t for seg in seg_tokens for t in seg}
-        spare = [t for t in range(num_tokens) if t not in owner]
-        seg_tokens = [seg_tokens[0] + spare, *seg_tokens[1:]]
-        if len(seg_tokens) == 1:
-            seg_tokens.append([])
-            ranks, rows, scales = [*ranks, 1], [*rows, [rows[0][0]]], [*scales, 1.0]
+    ranks, rows, seg_tokens, scales = arrange(form, num_tokens, ranks, rows, seg_tokens, scales)
     batch = make_batch(seg_tokens, ranks, rows, scales)
     backend = TorchBackend(gather_limit=0 if form in ("loop", "views") else 1 << 30)
     ref = oracle(y, x, a_pool, bt_pool, seg_tokens, rows, scales)
     got = y.clone()
     backend.add_lora(got, x, a_pool, bt_pool, batch)
-    err = (got.double() - ref).norm() / ref.norm().clamp_min(1e-12)
-    assert err < 1e-5
-    active = {t for seg in seg_tokens for t in seg}
-    for t in range(num_tokens):
-        if t not in active:
-            assert torch.equal(got[t], y[t]), "inactive token modified"
+    check_against_oracle(got, y, ref, seg_tokens, num_tokens)
 
 
 @settings(max_examples=60, deadline=None)
@@ -141,24 +152,13 @@ def test_backend_on_strided_views(problem: tuple, form: str, g: int, rnd: object
     y = torch.randn(num_tokens, d_out, generator=gen)
     a_pool = torch.randn(pool_rows, d_in, generator=gen)
     bt_pool = torch.randn(pool_rows, d_out, generator=gen)
+    ranks, rows, seg_tokens, scales = arrange(form, num_tokens, ranks, rows, seg_tokens, scales)
     if form == "views":
-        sizes = [len(seg) for seg in seg_tokens]
-        bounds = np.minimum(np.cumsum([0, *sizes]), num_tokens)
-        seg_tokens = [list(range(b0, b1)) for b0, b1 in itertools.pairwise(bounds)]
-        offsets = np.cumsum([0, *ranks])
-        rows = [list(range(o, o + r)) for o, r in zip(offsets, ranks, strict=False)]
         slots = [p + 3 for p in range(pool_rows)]  # consecutive slots: rows step evenly
     else:
         slots = list(range(pool_rows + 5))
         rnd.shuffle(slots)  # type: ignore[attr-defined]
         slots = slots[:pool_rows]
-    if form == "dense":
-        owner = {t for seg in seg_tokens for t in seg}
-        spare = [t for t in range(num_tokens) if t not in owner]
-        seg_tokens = [seg_tokens[0] + spare, *seg_tokens[1:]]
-        if len(seg_tokens) == 1:
-            seg_tokens.append([])
-            ranks, rows, scales = [*ranks, 1], [*rows, [rows[0][0]]], [*scales, 1.0]
     _buf, a_view, bt_view, ids = arena(a_pool, bt_pool, g, slots)
     view_rows = [[ids[p] for p in rs] for rs in rows]
     batch = make_batch(seg_tokens, ranks, view_rows, scales)
@@ -168,12 +168,7 @@ def test_backend_on_strided_views(problem: tuple, form: str, g: int, rnd: object
     got = y.clone()
     backend = TorchBackend(gather_limit=0 if form in ("loop", "views") else 1 << 30)
     backend.add_lora(got, x, a_view, bt_view, batch)
-    err = (got.double() - ref).norm() / ref.norm().clamp_min(1e-12)
-    assert err < 1e-5
-    active = {t for seg in seg_tokens for t in seg}
-    for t in range(num_tokens):
-        if t not in active:
-            assert torch.equal(got[t], y[t]), "inactive token modified"
+    check_against_oracle(got, y, ref, seg_tokens, num_tokens)
 
 
 def test_no_form_copies_a_whole_view() -> None:

@@ -114,8 +114,9 @@ class LoraBatch:
         """Per segment, (first token, end token, first row, row step, rank) when its tokens
         are a contiguous range and its pool rows an arithmetic progression with a positive
         step (then the per-segment form works on views, `pool[r0 : r0 + step * rank : step]`,
-        with no gathers or scatters), else None. In the runtime's pools an adapter's rows of
-        one module step by (in + out) / granularity. Empty segments are (0, 0, 0, 1, 0)."""
+        with no gathers or scatters), else None. In the runtime's pools an adapter held in
+        consecutive units has each module's rows step by the row width / granularity. Empty
+        segments are (0, 0, 0, 1, 0)."""
         tok = self.host_token_idx()
         rows = self.host_rows()
         out: list[tuple[int, int, int, int, int] | None] = []
@@ -169,12 +170,13 @@ class LoraBatch:
         if not bool((np.diff(rstarts) == rank).all()):
             return None
         rows = self.host_rows()[: n * rank].astype(np.int64).reshape(n, rank)
-        step = int(rows[0, 1] - rows[0, 0]) if rank > 1 else 1
-        if step <= 0 or not bool((np.diff(rows, axis=1) == step).all()):
+        within, across = _progression(rows[0]), _progression(rows[:, 0])
+        if within is None or across is None:
             return None
-        stride = int(rows[1, 0] - rows[0, 0]) if n > 1 else rank * step
-        if stride <= 0 or not bool((np.diff(rows[:, 0]) == stride).all()):
+        step = within[1]
+        if not bool((np.diff(rows, axis=1) == step).all()):
             return None
+        stride = across[1] if n > 1 else rank * step
         tok = self.host_token_idx()
         return int(rows[0, 0]), rank, bool((tok == np.arange(n)).all()), step, stride
 

@@ -4,11 +4,11 @@ tensor and executes writes and copies.
 
 A unit is one block id `u`, the same in every layer. It serves either as a KV block or as
 adapter storage (issue 11). Adapter rows live in each layer's *flat arena*
-`kv[l].reshape(-1)` (K side, then V side, `2 * S` elements): row id `c` of a module with
-`in + out` features covers elements `[c * g, c * g + in + out)`, the A row first, then the Bt
-row, where the granularity `g` comes from the engine (`Engine.row_granularity`). The core
-places rows so that they never straddle a unit's K or V part and never overlap each other or
-a KV block in use.
+`kv[l].reshape(-1)` (K side, then V side, `2 * S` elements): an A row id `c` of a module
+covers elements `[c * g, c * g + in)`, a Bt row id `[c * g, c * g + out)`, where the
+granularity `g` comes from the engine (`Engine.row_granularity`). The core places rows inside
+the adapter's own units (a row crosses from one unit into the next only within a run of
+consecutive units it holds), never overlapping each other or a KV block in use.
 """
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ class PagedKVCache:
         """Write one module's rows in every layer: A rows `a_rows` [L, r, in] at row ids
         `a_ids` int32 [r], Bt rows `bt_rows` [L, r, out] at `bt_ids` (any float dtype and
         device; converted to the cache's). One indexing op over `kv.view(L, -1)` for all
-        layers. Row ids are checked on the host first (in range, each row inside one unit's
-        K or V part, no two rows overlapping)."""
+        layers. Row ids are checked on the host first (in range, each row inside the K or the
+        V side, no two rows overlapping)."""
         g = granularity
         a_np, bt_np = _ids(a_ids), _ids(bt_ids)
         r = int(a_np.shape[0])

@@ -67,7 +67,7 @@ class AdapterEntry:
 class AdapterPools:
     """Per module: `a[name]` [layers, R_in, in] and `bt[name]` [layers, R_out, out], strided
     read-only views of the KV cache tensor (model dtype). A rows and Bt rows have their own
-    row ids (the core places them apart, each inside one unit's K or V part).
+    row ids (the core places them inside the adapter's units, see `kv_cache.py`).
 
     An adapter's rows of module m (r_m = its largest rank of m over layers): A rows <- A,
     Bt rows <- B^T * scale_lm / seg_scale, rows j >= r_lm of a layer with a lower rank (or no
@@ -78,8 +78,6 @@ class AdapterPools:
         self.geometry = geometry
         self.cache = cache
         self.granularity = granularity
-        self.dtype = cache.kv.dtype
-        self.device = cache.kv.device
         self.a: dict[str, torch.Tensor] = {}
         self.bt: dict[str, torch.Tensor] = {}
         for spec in geometry.modules:

@@ -260,11 +260,15 @@ def expand_launch(
     )
 
 
-def _check_tensor(t: torch.Tensor, what: str, dtype: torch.dtype, device: torch.device) -> None:
+def _check_placement(t: torch.Tensor, what: str, dtype: torch.dtype, device: torch.device) -> None:
     if t.dtype != dtype:
         raise TypeError(f"{what} must be {dtype}, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{what} is on {t.device}, expected {device}")
+
+
+def _check_tensor(t: torch.Tensor, what: str, dtype: torch.dtype, device: torch.device) -> None:
+    _check_placement(t, what, dtype, device)
     if not t.is_contiguous():
         raise ValueError(f"{what} must be contiguous")
 
@@ -272,10 +276,7 @@ def _check_tensor(t: torch.Tensor, what: str, dtype: torch.dtype, device: torch.
 def _check_pool(t: torch.Tensor, what: str, dtype: torch.dtype, device: torch.device) -> None:
     """A pool is any 2-D view with unit column stride and a positive row stride (the
     runtime's are overlapping strided views of the KV cache)."""
-    if t.dtype != dtype:
-        raise TypeError(f"{what} must be {dtype}, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{what} is on {t.device}, expected {device}")
+    _check_placement(t, what, dtype, device)
     if t.dim() != 2:
         raise ValueError(f"{what} must be 2-D, got shape {tuple(t.shape)}")
     if t.shape[0] > 1 and t.shape[1] > 1 and (t.stride(1) != 1 or t.stride(0) < 1):
