@@ -10,7 +10,7 @@ import torch
 from conftest import INV1, ArchSetup
 
 from alora import AdapterRuntime, GenerationResult, StreamDelta
-from alora.backend import TorchBackend
+from alora.cpu_backend import CpuBackend
 from alora.testing import tiny_model, tiny_tokenizer
 
 
@@ -22,7 +22,7 @@ def rt(arch_setup: Callable[[str], ArchSetup]) -> Iterator[AdapterRuntime]:
 
 
 def test_default_backend_on_cpu(rt: AdapterRuntime) -> None:
-    assert isinstance(rt.backend, TorchBackend)
+    assert isinstance(rt.backend, CpuBackend)
 
 
 def test_greedy_is_deterministic_and_batch_independent(rt: AdapterRuntime) -> None:

@@ -72,6 +72,31 @@ class LoraBatch:
         return self.rows.cpu().numpy()
 
     @cached_property
+    def cpu_segments(self) -> tuple[np.ndarray, np.ndarray]:
+        """The segments as the CPU kernel reads them, built once per batch and shared by every
+        layer: int64 `[n_tokens, n_rows, token_idx.., seg_start.., seg_row_start.., rows..,
+        bt_rows..]` and float32 `seg_scale`."""
+        rows = self.host_rows()
+        bt_rows = rows if self.bt_rows is None else self.bt.host_rows()
+        tok = self.host_token_idx()
+        packed = np.concatenate(
+            [
+                np.asarray([tok.shape[0], rows.shape[0]], dtype=np.int64),
+                tok.astype(np.int64, copy=False),
+                np.asarray(self.seg_start_host, dtype=np.int64),
+                np.asarray(self.seg_row_start_host, dtype=np.int64),
+                rows.astype(np.int64, copy=False),
+                bt_rows.astype(np.int64, copy=False),
+            ]
+        )
+        return packed, np.asarray(self.seg_scale_host, dtype=np.float32)
+
+    @cached_property
+    def scratch(self) -> dict[object, object]:
+        """Per-batch memo for backends (the batch lives one step)."""
+        return {}
+
+    @cached_property
     def pad_row(self) -> int:
         """The row the gathered forms read for padding (scaled by 0): the batch's first."""
         rows = self.host_rows()

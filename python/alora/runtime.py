@@ -20,11 +20,13 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from alora import _core, sizing
 from alora.attention import install, uninstall
 from alora.backend import LoraBackend, TorchBackend
+from alora.cpu_backend import CpuBackend
 from alora.engine_loop import Channel, EngineLoop, Submission
 from alora.executor import StepExecutor
 from alora.fetcher import LoadEvent
@@ -590,6 +592,8 @@ class AdapterRuntime:
 
 
 def _default_backend(device: Any) -> LoraBackend:
+    if torch.device(device).type == "cpu":
+        return CpuBackend()  # the Rust kernel for decode-shaped float32 batches, else torch
     try:
         from alora.kernels import default_backend
     except ImportError:

@@ -1,7 +1,8 @@
-//! `alora._core`: thin PyO3 bindings over `alora-core`. Types and errors are converted
+//! `alora._core`: thin PyO3 bindings over `alora-core` (and `alora-cpu`'s kernel). Types and errors are converted
 //! here; every decision lives in the core crate.
 
 mod adapter;
+mod cpu;
 mod engine;
 mod errors;
 mod output;
@@ -76,6 +77,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(untokenized_invocation, m)?)?;
     m.add_function(wrap_pyfunction!(base_prefix_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(adapter::read_adapter_weights, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu::cpu_add_lora, m)?)?;
     m.add_class::<engine::PyEngine>()?;
     m.add_class::<adapter::PyAdapterInfo>()?;
     m.add_class::<adapter::PyAdapterWeights>()?;

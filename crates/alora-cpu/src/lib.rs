@@ -1,0 +1,329 @@
+//! alora-cpu: the CPU form of the batched LoRA op for decode-shaped steps (few tokens per
+//! adapter), the BGMV of DESIGN.md section 6:
+//!
+//! ```text
+//! shrink: v[i, j]  = x[tok[i]] . A[rows(a)[j]]                  j < rank(a)
+//! expand: y[tok[i]] += scale(a) * sum_j v[i, j] * Bt[bt_rows(a)[j]]
+//! ```
+//!
+//! Rows are read in place from the runtime's arena (the KV cache's memory, where adapter rows
+//! live between KV blocks): row `c` of a pool starts at element `offset + c * stride` of its
+//! arena (A and Bt rows may sit in different arenas, or in the same one), so rows may be scattered or strided and nothing is gathered or copied. Torch's
+//! batched mat-vec over such rows reaches about a third of this machine's read bandwidth
+//! (dispatch and per-matrix setup dominate at rank 16); these loops stream each row once per
+//! segment at close to the bandwidth limit. Accumulation is in f32, as the torch CPU path.
+//!
+//! Everything is validated before the first write, so an error leaves `y` untouched.
+
+use multiversion::multiversion;
+
+/// Why a call was refused (nothing was written).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("LoRA kernel argument error: {0}")]
+pub struct KernelError(pub String);
+
+/// Where a pool's rows live in its arena: row `c` is `arena[offset + c * stride ..][..width]`.
+/// `stride` may be smaller than `width` (overlapping row views: only the rows in use are
+/// disjoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowPool {
+    pub offset: usize,
+    pub stride: usize,
+    pub width: usize,
+}
+
+/// The step's active tokens grouped by adapter, as the Python `LoraBatch` holds them.
+#[derive(Debug, Clone, Copy)]
+pub struct Segments<'a> {
+    /// Indices into the step's token axis, segment after segment.
+    pub token_idx: &'a [i64],
+    /// `[num_segments + 1]` offsets into `token_idx`.
+    pub seg_start: &'a [i64],
+    /// `[num_segments + 1]` offsets into `rows` / `bt_rows` (the segment's rank is the span).
+    pub seg_row_start: &'a [i64],
+    /// A row ids of each segment's adapter.
+    pub rows: &'a [i64],
+    /// Bt row ids, parallel to `rows`.
+    pub bt_rows: &'a [i64],
+    /// `[num_segments]` scale applied to the segment's delta.
+    pub seg_scale: &'a [f32],
+}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, KernelError> {
+    Err(KernelError(msg.into()))
+}
+
+fn offsets(name: &str, v: &[i64], segments: usize, end: usize) -> Result<(), KernelError> {
+    if v.len() != segments + 1 {
+        return err(format!(
+            "{name} has {} entries, expected {}",
+            v.len(),
+            segments + 1
+        ));
+    }
+    if v[0] != 0 || v[segments] as u64 != end as u64 || v.windows(2).any(|w| w[1] < w[0]) {
+        return err(format!("{name} must rise from 0 to {end}"));
+    }
+    Ok(())
+}
+
+fn check_rows(what: &str, rows: &[i64], pool: RowPool, arena: usize) -> Result<(), KernelError> {
+    let Some(&max) = rows.iter().max() else {
+        return Ok(());
+    };
+    if rows.iter().any(|&r| r < 0) {
+        return err(format!("negative {what} row id"));
+    }
+    let end = (max as u64)
+        .checked_mul(pool.stride as u64)
+        .and_then(|e| e.checked_add((pool.offset + pool.width) as u64));
+    match end {
+        Some(e) if e <= arena as u64 => Ok(()),
+        _ => err(format!(
+            "{what} row {max} (offset {} + row * {} + width {}) lies outside the arena of {arena} elements",
+            pool.offset, pool.stride, pool.width
+        )),
+    }
+}
+
+/// Validates every argument against the shapes; returns the number of tokens of the step.
+fn validate(
+    y: &[f32],
+    x: &[f32],
+    a_arena: &[f32],
+    a: RowPool,
+    bt_arena: &[f32],
+    bt: RowPool,
+    seg: &Segments<'_>,
+) -> Result<usize, KernelError> {
+    if a.width == 0 || bt.width == 0 {
+        return err("row widths must be positive");
+    }
+    if !y.len().is_multiple_of(bt.width) {
+        return err(format!(
+            "y has {} elements, not a multiple of out = {}",
+            y.len(),
+            bt.width
+        ));
+    }
+    let tokens = y.len() / bt.width;
+    if x.len() != tokens * a.width {
+        return err(format!(
+            "x has {} elements, expected {tokens} tokens x in = {}",
+            x.len(),
+            a.width
+        ));
+    }
+    let n = seg.seg_scale.len();
+    offsets("seg_start", seg.seg_start, n, seg.token_idx.len())?;
+    offsets("seg_row_start", seg.seg_row_start, n, seg.rows.len())?;
+    if seg.bt_rows.len() != seg.rows.len() {
+        return err(format!(
+            "{} Bt row ids for {} A row ids",
+            seg.bt_rows.len(),
+            seg.rows.len()
+        ));
+    }
+    if let Some(&t) = seg
+        .token_idx
+        .iter()
+        .find(|&&t| t < 0 || t as u64 >= tokens as u64)
+    {
+        return err(format!(
+            "token index {t} outside the step's {tokens} tokens"
+        ));
+    }
+    check_rows("A", seg.rows, a, a_arena.len())?;
+    check_rows("Bt", seg.bt_rows, bt, bt_arena.len())?;
+    Ok(tokens)
+}
+
+/// `y += delta` for the segments' tokens (`y` is `[tokens, bt.width]`, `x` is
+/// `[tokens, a.width]`, both row-major). Refuses bad arguments before writing anything.
+pub fn add_lora(
+    y: &mut [f32],
+    x: &[f32],
+    a_arena: &[f32],
+    a: RowPool,
+    bt_arena: &[f32],
+    bt: RowPool,
+    seg: &Segments<'_>,
+) -> Result<(), KernelError> {
+    validate(y, x, a_arena, a, bt_arena, bt, seg)?;
+    let max_work = (0..seg.seg_scale.len())
+        .map(|s| {
+            let ntok = (seg.seg_start[s + 1] - seg.seg_start[s]) as usize;
+            let rank = (seg.seg_row_start[s + 1] - seg.seg_row_start[s]) as usize;
+            ntok * rank
+        })
+        .max()
+        .unwrap_or(0);
+    let mut v = vec![0f32; max_work];
+    run(y, x, a_arena, a, bt_arena, bt, seg, &mut v);
+    Ok(())
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[allow(clippy::too_many_arguments)]
+fn run<'s>(
+    y: &mut [f32],
+    x: &[f32],
+    a_arena: &[f32],
+    a: RowPool,
+    bt_arena: &[f32],
+    bt: RowPool,
+    seg: &Segments<'s>,
+    v: &mut [f32],
+) {
+    let (din, dout) = (a.width, bt.width);
+    let a_row = |id: i64| &a_arena[a.offset + id as usize * a.stride..][..din];
+    let bt_row = |id: i64| &bt_arena[bt.offset + id as usize * bt.stride..][..dout];
+    for s in 0..seg.seg_scale.len() {
+        let toks = &seg.token_idx[seg.seg_start[s] as usize..seg.seg_start[s + 1] as usize];
+        let r0 = seg.seg_row_start[s] as usize;
+        let r1 = seg.seg_row_start[s + 1] as usize;
+        let rank = r1 - r0;
+        if toks.is_empty() || rank == 0 {
+            continue;
+        }
+        let scale = seg.seg_scale[s];
+        let v = &mut v[..toks.len() * rank];
+        // Shrink: each A row is read from memory once and dotted with every token's x; four
+        // rows per pass keep four independent streams and sums in flight.
+        let a_ids = &seg.rows[r0..r1];
+        for (i, &t) in toks.iter().enumerate() {
+            let xt = &x[t as usize * din..][..din];
+            let vi = &mut v[i * rank..][..rank];
+            let mut j = 0;
+            while j + 4 <= rank {
+                let d = dot4(
+                    xt,
+                    [
+                        a_row(a_ids[j]),
+                        a_row(a_ids[j + 1]),
+                        a_row(a_ids[j + 2]),
+                        a_row(a_ids[j + 3]),
+                    ],
+                );
+                for q in 0..4 {
+                    vi[j + q] = scale * d[q];
+                }
+                j += 4;
+            }
+            for jj in j..rank {
+                vi[jj] = scale * dot(a_row(a_ids[jj]), xt);
+            }
+        }
+        // Expand: four Bt rows per pass over the token's y row.
+        let bt_ids = &seg.bt_rows[r0..r1];
+        for (i, &t) in toks.iter().enumerate() {
+            let yrow = &mut y[t as usize * dout..][..dout];
+            let vi = &v[i * rank..][..rank];
+            let mut j = 0;
+            while j + 4 <= rank {
+                axpy4(
+                    yrow,
+                    [vi[j], vi[j + 1], vi[j + 2], vi[j + 3]],
+                    [
+                        bt_row(bt_ids[j]),
+                        bt_row(bt_ids[j + 1]),
+                        bt_row(bt_ids[j + 2]),
+                        bt_row(bt_ids[j + 3]),
+                    ],
+                );
+                j += 4;
+            }
+            for jj in j..rank {
+                axpy(yrow, vi[jj], bt_row(bt_ids[jj]));
+            }
+        }
+    }
+}
+
+const LANES: usize = 16;
+
+/// Dot product with 16 independent partial sums (vectorised by the compiler without
+/// reassociating a single sum).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(p, q)| p * q)
+        .sum();
+    for (p, q) in ca.zip(cb) {
+        for k in 0..LANES {
+            acc[k] += p[k] * q[k];
+        }
+    }
+    // Pairwise reduction of the partial sums.
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for k in 0..w {
+            acc[k] += acc[k + w];
+        }
+    }
+    acc[0] + tail
+}
+
+/// Four dot products against one `x`, with `LANES` partial sums each.
+#[inline(always)]
+fn dot4(x: &[f32], rows: [&[f32]; 4]) -> [f32; 4] {
+    let n = x.len();
+    let (r0, r1, r2, r3) = (&rows[0][..n], &rows[1][..n], &rows[2][..n], &rows[3][..n]);
+    let mut acc = [[0f32; LANES]; 4];
+    let whole = n - n % LANES;
+    let chunks = x[..whole]
+        .chunks_exact(LANES)
+        .zip(r0[..whole].chunks_exact(LANES))
+        .zip(r1[..whole].chunks_exact(LANES))
+        .zip(r2[..whole].chunks_exact(LANES))
+        .zip(r3[..whole].chunks_exact(LANES));
+    for ((((xc, c0), c1), c2), c3) in chunks {
+        for l in 0..LANES {
+            acc[0][l] += c0[l] * xc[l];
+            acc[1][l] += c1[l] * xc[l];
+            acc[2][l] += c2[l] * xc[l];
+            acc[3][l] += c3[l] * xc[l];
+        }
+    }
+    let mut out = [0f32; 4];
+    for (q, a) in acc.iter_mut().enumerate() {
+        let mut w = LANES;
+        while w > 1 {
+            w /= 2;
+            for l in 0..w {
+                a[l] += a[l + w];
+            }
+        }
+        let row = [r0, r1, r2, r3][q];
+        out[q] = a[0] + (whole..n).map(|i| row[i] * x[i]).sum::<f32>();
+    }
+    out
+}
+
+#[inline(always)]
+fn axpy(y: &mut [f32], c: f32, x: &[f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += c * xi;
+    }
+}
+
+/// `y += c0 x0 + c1 x1 + c2 x2 + c3 x3` in one pass over `y`.
+#[inline(always)]
+fn axpy4(y: &mut [f32], c: [f32; 4], x: [&[f32]; 4]) {
+    let n = y.len();
+    let (x0, x1, x2, x3) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
+    for k in 0..n {
+        y[k] += c[0] * x0[k] + c[1] * x1[k] + c[2] * x2[k] + c[3] * x3[k];
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,126 @@
+"""The CPU kernel backend (`alora-cpu` through `_core.cpu_add_lora`) against the float64
+oracle of `test_backend`: hypothesis-drawn batches (heterogeneous ranks, scattered rows,
+several tokens per segment, inactive tokens that must stay bit-identical), on contiguous
+pools and on the runtime's layout (overlapping strided views of one buffer, NaN outside
+the rows); which batches go to the torch reference; refusals that write nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_backend import arena, check_against_oracle, make_batch, oracle, problems
+
+from alora import _core
+from alora.backend import LoraBatch, TorchBackend
+from alora.cpu_backend import CpuBackend
+
+
+class NoFallback(TorchBackend):
+    def add_lora(self, *args: object) -> None:  # type: ignore[override]
+        raise AssertionError("the batch went to the torch fallback")
+
+
+class Counting(TorchBackend):
+    calls = 0
+
+    def add_lora(self, *args: object) -> None:  # type: ignore[override]
+        self.calls += 1
+        super().add_lora(*args)  # type: ignore[arg-type]
+
+
+def tensors(problem: tuple) -> tuple[torch.Tensor, ...]:
+    num_tokens, d_in, d_out, pool_rows, *_rest, seed = problem
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(num_tokens, d_in, generator=g),
+        torch.randn(num_tokens, d_out, generator=g),
+        torch.randn(pool_rows, d_in, generator=g),
+        torch.randn(pool_rows, d_out, generator=g),
+    )
+
+
+@settings(max_examples=80, deadline=None)
+@given(problems())
+def test_kernel_matches_float64_oracle(problem: tuple) -> None:
+    num_tokens, _, _, _, ranks, rows, seg_tokens, scales, _ = problem
+    x, y, a_pool, bt_pool = tensors(problem)
+    batch = make_batch(seg_tokens, ranks, rows, scales)
+    backend = CpuBackend(max_seg_tokens=1 << 20, fallback=NoFallback())
+    got = y.clone()
+    backend.add_lora(got, x, a_pool, bt_pool, batch)
+    check_against_oracle(
+        got, y, oracle(y, x, a_pool, bt_pool, seg_tokens, rows, scales), seg_tokens, num_tokens
+    )
+
+
+@settings(max_examples=80, deadline=None)
+@given(problems(), st.integers(1, 200), st.randoms(use_true_random=False))
+def test_kernel_on_strided_views(problem: tuple, g: int, rnd: object) -> None:
+    """The runtime's pools: rows scattered over one buffer at row stride g (often smaller
+    than a row), A and Bt rows apart, NaN everywhere else; a wrong read shows as NaN."""
+    num_tokens, _, _, pool_rows, ranks, rows, seg_tokens, scales, _ = problem
+    x, y, a_pool, bt_pool = tensors(problem)
+    slots = list(range(pool_rows + 5))
+    rnd.shuffle(slots)  # type: ignore[attr-defined]
+    _buf, a_view, bt_view, ids = arena(a_pool, bt_pool, g, slots[:pool_rows])
+    batch = make_batch(seg_tokens, ranks, [[ids[p] for p in rs] for rs in rows], scales)
+    got = y.clone()
+    CpuBackend(max_seg_tokens=1 << 20, fallback=NoFallback()).add_lora(
+        got, x, a_view, bt_view, batch
+    )
+    ref = oracle(y, x, a_pool, bt_pool, seg_tokens, rows, scales)
+    check_against_oracle(got, y, ref, seg_tokens, num_tokens)
+
+
+def small_problem(dtype: torch.dtype = torch.float32) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=g).to(dtype)
+    y = torch.randn(6, 5, generator=g).to(dtype)
+    a = torch.randn(10, 8, generator=g).to(dtype)
+    bt = torch.randn(10, 5, generator=g).to(dtype)
+    seg_tokens, ranks, rows, scales = [[0, 1, 2], [4]], [2, 3], [[1, 2], [5, 6, 7]], [0.5, 2.0]
+    return x, y, a, bt, seg_tokens, ranks, rows, scales
+
+
+@pytest.mark.parametrize(
+    ("case", "to_torch"),
+    [("decode", False), ("long segment", True), ("float64", True), ("non-contiguous x", True)],
+)
+def test_which_batches_take_the_kernel(case: str, to_torch: bool) -> None:
+    x, y, a, bt, seg_tokens, ranks, rows, scales = small_problem(
+        torch.float64 if case == "float64" else torch.float32
+    )
+    if case == "non-contiguous x":
+        x = torch.randn(8, 6).t()
+    fallback = Counting()
+    backend = CpuBackend(max_seg_tokens=2 if case == "long segment" else 8, fallback=fallback)
+    got = y.clone()
+    backend.add_lora(got, x, a, bt, make_batch(seg_tokens, ranks, rows, scales))
+    assert fallback.calls == int(to_torch)
+    check_against_oracle(got, y, oracle(y, x, a, bt, seg_tokens, rows, scales), seg_tokens, 6)
+
+
+def test_bad_arguments_are_refused_and_write_nothing() -> None:
+    x, y, a, bt, seg_tokens, ranks, rows, scales = small_problem()
+    batch: LoraBatch = make_batch(seg_tokens, ranks, rows, scales)
+    packed, scale = batch.cpu_segments
+    args = (x.view(-1).numpy(), a.view(-1).numpy(), (0, 8, 8), bt.view(-1).numpy(), (0, 5, 5))
+    cases = {
+        "row past the arena": ((*args[:2], (24, 8, 8), *args[3:]), packed, scale),
+        "truncated segments": (args, packed[:-1], scale),
+        "a scale too many": (args, packed, np.append(scale, np.float32(1))),
+    }
+    for name, (a_args, p, s) in cases.items():
+        got = y.clone()
+        with pytest.raises(ValueError):
+            _core.cpu_add_lora(got.view(-1).numpy(), *a_args, p, s)
+        assert torch.equal(got, y), name
+    bad_tok = packed.copy()
+    bad_tok[2] = 6  # the first token index: outside the step's 6 tokens
+    got = y.clone()
+    with pytest.raises(ValueError, match="token index 6"):
+        _core.cpu_add_lora(got.view(-1).numpy(), *args, bad_tok, scale)
+    assert torch.equal(got, y)
