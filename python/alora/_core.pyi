@@ -48,6 +48,23 @@ def read_adapter_weights(info: AdapterInfo) -> AdapterWeights:
     needed, so a thread can prefetch). AdapterFormatError when the file changed since it was
     registered or holds non-finite values. In-memory adapters return their weights."""
 
+def cpu_add_lora(
+    y: np.ndarray,
+    x: np.ndarray,
+    a_arena: np.ndarray,
+    a: tuple[int, int, int],
+    bt_arena: np.ndarray,
+    bt: tuple[int, int, int],
+    segments: np.ndarray,
+    seg_scale: np.ndarray,
+) -> None:
+    """The CPU LoRA kernel (float32, in place): `y[tok] += scale * (x[tok] . A rows) @ Bt
+    rows` per segment. `y` / `x`: flattened `[tokens, out]` / `[tokens, in]`; `a` / `bt`:
+    `(offset, stride, width)` of each pool's rows in its arena (row c at `offset + c *
+    stride`); `segments`: int64 `[n_tokens, n_rows, token_idx.., seg_start.., seg_row_start..,
+    rows.., bt_rows..]`, `seg_scale`: float32 per segment (see `LoraBatch.cpu_segments`). The
+    GIL is released. ValueError, with nothing written, on bad arguments."""
+
 class AdapterWeights:
     """An adapter's weights in host memory (float32), as read by `read_adapter_weights`."""
 
