@@ -3,8 +3,9 @@
 //   shrink: V[i, j]       = sum_k x[tok[i], k] * A_pool[row(a, j), k]              j < rank(a)
 //   expand: y[tok[i], o] += scale(a) * sum_j V[i, j] * Bt_pool[row(a, j), o]
 //
-// Segment a owns positions [seg_start[a], seg_start[a+1]) of token_idx; its rank rows are
-// rows[seg_row_start[a] + j], j < seg_rank[a] (heterogeneous ranks, no padding). Pool row c of
+// Segment a owns positions [seg_start[a], seg_start[a+1]) of token_idx; module m's rank rows
+// of it are rows_m[seg_row_start[a] + j], j < seg_rank[a] (heterogeneous ranks, no padding;
+// rows_m: module m's own row list, see Fusion below). Pool row c of
 // module m starts at a_m + c * lda_m (A) and bt_m + c * ldb_m (Bt): explicit row strides in
 // elements, one per pool, because the runtime's pools are strided views of the KV cache (row
 // stride = the engine's row granularity, smaller than a row; rows in use never overlap). A
@@ -22,10 +23,12 @@
 // Fusion: modules that share x (q/k/v, gate/up) pass up to three pools in one launch. Shrink
 // stages the x tile once and runs every module's rows over it; expand spreads its column tiles
 // over the modules' outputs, so a fused pair of launches replaces 2 * modules launches. The
-// fused modules share the batch (tokens, ranks and row ids), each pool with its own strides.
-// In the runtime every module's rows are distinct row ids of the shared KV arena, so the
-// runtime launches each module on its own (one pool per launch); fusion serves pools laid out
-// with common row ids (benches, separate pools per module).
+// fused modules share the segments (token_idx, seg_start, seg_rank, seg_row_start, seg_scale)
+// but each has its own row list (rows0-2: A row ids for shrink, Bt row ids for expand) and
+// its own pool strides, as in the runtime, where every module's rows are distinct row ids of
+// the shared KV arena. Module m's V lands in Vp[m]; expand reads Vp[m] for its module m, so
+// the runtime may run one fused shrink and then expand each module on its own from its slice
+// (a single-module expand given &Vp[m]). A single-module launch passes rows1 = rows2 = null.
 #include "lora_common.cuh"
 
 // ---------------------------------------------------------------------------------------------
@@ -39,8 +42,9 @@ __device__ __forceinline__ void shrink_body(
     const T* __restrict__ x, const T* __restrict__ a0, const T* __restrict__ a1,
     const T* __restrict__ a2, int nmod, const long long* __restrict__ token_idx,
     const int* __restrict__ seg_start, const int* __restrict__ seg_rank,
-    const int* __restrict__ seg_row_start, const int* __restrict__ rows, float* __restrict__ vp,
-    int in_f, int lda0, int lda1, int lda2, int ldv, int ks, int t_active, int vec_ok) {
+    const int* __restrict__ seg_row_start, const int* __restrict__ rows0,
+    const int* __restrict__ rows1, const int* __restrict__ rows2, float* __restrict__ vp, int in_f,
+    int lda0, int lda1, int lda2, int ldv, int ks, int t_active, int vec_ok) {
   constexpr int VEC = DType<T>::VEC;
   constexpr int NV = RPW * TM;  // partial sums per lane
   constexpr int LPV = 32 / NV;  // lanes holding each reduced value
@@ -58,7 +62,7 @@ __device__ __forceinline__ void shrink_body(
   if (rank <= 0 || s1 <= s0 || k0 >= in_f) return;  // block-uniform
   if (rank > ALORA_MAX_RANK) __trap();               // launchers reject this before launch
   const int klen = min(ks, in_f - k0);
-  const int* arows = rows + seg_row_start[a];
+  const int row0 = seg_row_start[a];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int nwarps = blockDim.x >> 5;
@@ -98,13 +102,14 @@ __device__ __forceinline__ void shrink_body(
     for (int m = 0; m < nmod; ++m) {
       const T* pool = m == 0 ? a0 : (m == 1 ? a1 : a2);
       const long long lda = m == 0 ? lda0 : (m == 1 ? lda1 : lda2);
+      const int* arows = (m == 0 ? rows0 : (m == 1 ? rows1 : rows2)) + row0;
       float* vout = vp + static_cast<long long>(m * nsplit + split) * t_active * ldv;
       for (int j0 = warp * RPW; j0 < rank; j0 += nwarps * RPW) {
         const T* ap[RPW];
 #pragma unroll
         for (int r = 0; r < RPW; ++r) {
           // Rows past the rank re-read the last row (a cache hit) and are never written.
-          ap[r] = pool + static_cast<long long>(arows[min(j0 + r, rank - 1)]) * lda + k0;
+          ap[r] = pool + static_cast<long long>(__ldg(arows + min(j0 + r, rank - 1))) * lda + k0;
         }
         float acc[NV];
 #pragma unroll
@@ -179,11 +184,13 @@ __device__ __forceinline__ void expand_body(
     int t_active, int ldv,
     const long long* __restrict__ token_idx, const int* __restrict__ seg_start,
     const int* __restrict__ seg_rank, const int* __restrict__ seg_row_start,
-    const int* __restrict__ rows, const float* __restrict__ seg_scale, int vec_mask) {
+    const int* __restrict__ rows0, const int* __restrict__ rows1, const int* __restrict__ rows2,
+    const float* __restrict__ seg_scale, int vec_mask) {
   constexpr int VEC = DType<T>::VEC;
   static_assert(TT % TMR == 0, "token tile must be a multiple of the register tile");
-  // Dynamic shared memory: rs[ALORA_MAX_RANK] (the segment's pool rows), then vs[TT][rank]
-  // (V with the scale folded in); the launcher sizes it as 4 * (ALORA_MAX_RANK + TT * max_rank).
+  // Dynamic shared memory: rs[ALORA_MAX_RANK] (the segment's Bt rows in the current module),
+  // then vs[TT][rank] (V with the scale folded in); the launcher sizes it as
+  // 4 * (ALORA_MAX_RANK + TT * max_rank).
   extern __shared__ float4 expand_smem[];
   int* rs = reinterpret_cast<int*>(expand_smem);
   float* vs = reinterpret_cast<float*>(expand_smem) + ALORA_MAX_RANK;
@@ -195,7 +202,7 @@ __device__ __forceinline__ void expand_body(
   if (rank <= 0 || s1 <= s0) return;   // block-uniform
   if (rank > ALORA_MAX_RANK) __trap();  // launchers reject this before launch
   const float scale = seg_scale[a];
-  for (int j = threadIdx.x; j < rank; j += blockDim.x) rs[j] = rows[seg_row_start[a] + j];
+  const int row0 = seg_row_start[a];
   const int ot = blockDim.x * VEC;
 
   for (int ct = blockIdx.y; ct < ct_total; ct += gridDim.y) {
@@ -207,10 +214,14 @@ __device__ __forceinline__ void expand_body(
     const bool vec = ((vec_mask >> m) & 1) != 0;
     const int o = (ct - (m == 0 ? 0 : (m == 1 ? ct1 : ct2))) * ot + threadIdx.x * VEC;
     const float* vm = vp + static_cast<long long>(m) * nsplit * t_active * ldv;
+    const int* brows = (m == 0 ? rows0 : (m == 1 ? rows1 : rows2)) + row0;
 
     for (int i0 = s0 + blockIdx.z * TT; i0 < s1; i0 += gridDim.z * TT) {
       const int nt = min(TT, s1 - i0);
-      __syncthreads();  // previous readers of vs are done (also publishes rs the first time)
+      __syncthreads();  // previous readers of vs and rs are done
+      // The module's Bt rows: restaged per tile (rank ints, next to TT * rank * nsplit floats
+      // of V) since a block's column tiles may span modules.
+      for (int j = threadIdx.x; j < rank; j += blockDim.x) rs[j] = brows[j];
       for (int e = threadIdx.x; e < TT * rank; e += blockDim.x) {
         const int t = e / rank;
         const int j = e - t * rank;
@@ -222,7 +233,7 @@ __device__ __forceinline__ void expand_body(
         }
         vs[e] = s * scale;
       }
-      __syncthreads();
+      __syncthreads();  // publishes vs and rs
       if (o >= out) continue;  // no barrier below this point in the iteration
 
       for (int t0 = 0; t0 < nt; t0 += TMR) {
@@ -288,12 +299,12 @@ __device__ __forceinline__ void expand_body(
 #define ALORA_SHRINK(NAME, T, TM, RPW)                                                          \
   extern "C" __global__ void __launch_bounds__(256) NAME(                                      \
       const T* x, const T* a0, const T* a1, const T* a2, int nmod, const long long* token_idx, \
-      const int* seg_start, const int* seg_rank, const int* seg_row_start, const int* rows,    \
-      float* vp, int in_f, int lda0, int lda1, int lda2, int ldv, int ks, int t_active,       \
-      int vec_ok) {                                                                            \
+      const int* seg_start, const int* seg_rank, const int* seg_row_start, const int* rows0,   \
+      const int* rows1, const int* rows2, float* vp, int in_f, int lda0, int lda1, int lda2,   \
+      int ldv, int ks, int t_active, int vec_ok) {                                             \
     shrink_body<T, TM, RPW>(x, a0, a1, a2, nmod, token_idx, seg_start, seg_rank,               \
-                            seg_row_start, rows, vp, in_f, lda0, lda1, lda2, ldv, ks,          \
-                            t_active, vec_ok);                                                 \
+                            seg_row_start, rows0, rows1, rows2, vp, in_f, lda0, lda1, lda2,    \
+                            ldv, ks, t_active, vec_ok);                                        \
   }
 
 #define ALORA_EXPAND(NAME, T, TT, TMR)                                                          \
@@ -301,11 +312,12 @@ __device__ __forceinline__ void expand_body(
       T* y0, T* y1, T* y2, const T* bt0, const T* bt1, const T* bt2, int out0, int out1,       \
       int out2, int ldb0, int ldb1, int ldb2, int ct1, int ct2, int ct_total, const float* vp, \
       int nsplit, int t_active, int ldv, const long long* token_idx, const int* seg_start,     \
-      const int* seg_rank, const int* seg_row_start, const int* rows, const float* seg_scale,  \
-      int vec_mask) {                                                                          \
+      const int* seg_rank, const int* seg_row_start, const int* rows0, const int* rows1,       \
+      const int* rows2, const float* seg_scale, int vec_mask) {                                \
     expand_body<T, TT, TMR>(y0, y1, y2, bt0, bt1, bt2, out0, out1, out2, ldb0, ldb1, ldb2, ct1, \
                             ct2, ct_total, vp, nsplit, t_active, ldv, token_idx, seg_start,    \
-                            seg_rank, seg_row_start, rows, seg_scale, vec_mask);               \
+                            seg_rank, seg_row_start, rows0, rows1, rows2, seg_scale,           \
+                            vec_mask);                                                         \
   }
 
 #define ALORA_INSTANTIATE(SUFFIX, T)                        \

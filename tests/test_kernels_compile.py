@@ -238,7 +238,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @st.composite
-def cases(draw: st.DrawFn) -> Case:
+def cases(draw: st.DrawFn, distinct_rows: bool = False) -> Case:
     nseg = draw(st.integers(1, 4))
     segs = tuple(
         (
@@ -268,6 +268,7 @@ def cases(draw: st.DrawFn) -> Case:
             )
         ),
         granularity=draw(st.one_of(st.none(), st.integers(1, 96), st.sampled_from([8, 64]))),
+        distinct_rows=distinct_rows,
     )
 
 
@@ -275,6 +276,16 @@ def cases(draw: st.DrawFn) -> Case:
 @given(case=cases())
 def test_emulated_kernels_match_float64_reference(emu: kl.CudaBackend, case: Case) -> None:
     check_case(emu, case)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(distinct_rows=True), expand_each=st.booleans())
+def test_emulated_fused_per_module_rows_match_float64_reference(
+    emu: kl.CudaBackend, case: Case, expand_each: bool
+) -> None:
+    # The runtime's fused form: every module its own A and Bt row ids (one arena for all
+    # modules with a granularity), one shrink for all, expand fused or module by module.
+    check_case(emu, case, expand_each=expand_each)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -318,16 +329,102 @@ def test_launches_pass_each_pools_row_stride() -> None:
     launches: list[kl.Launch] = []
     backend = kl.CudaBackend("cpu", executor=launches.append, num_sms=4)
     backend.add_lora_fused(inp.ys, inp.x, inp.a_pools, inp.bt_pools, inp.batch)
-    shrink, expand = launches
-    # shrink: ..., vp, in_f, lda0, lda1, lda2, ldv, ...; expand: ..., out0-2, ldb0-2, ...
-    assert [int(v) for v in shrink.args[11:15]] == [64, 16, 16, 0]
-    assert [int(v) for v in expand.args[6:12]] == [32, 48, 0, 16, 16, 0]
-    assert int(shrink.args[-1]) == 1  # 16 elements * 2 bytes: rows stay 16-byte aligned
+    shrink, expand = (launch.named() for launch in launches)
+    assert [shrink[k] for k in ("in_f", "lda0", "lda1", "lda2")] == [64, 16, 16, 0]
+    assert [expand[k] for k in ("out0", "out1", "out2", "ldb0", "ldb1", "ldb2")] == [
+        32, 48, 0, 16, 16, 0
+    ]  # fmt: skip
+    assert shrink["vec_ok"] == 1  # 16 elements * 2 bytes: rows stay 16-byte aligned
     contiguous = make_inputs(Case(torch.float16, ((2, 4),), 1, 64, (32,)))
     launches.clear()
     c = contiguous
     backend.add_lora(c.ys[0], c.x, c.a_pools[0], c.bt_pools[0], c.batch)
-    assert int(launches[0].args[12]) == 64 and int(launches[1].args[9]) == 32
+    assert launches[0].named()["lda0"] == 64 and launches[1].named()["ldb0"] == 32
+
+
+def test_launch_argument_lists_match_the_kernels() -> None:
+    # The parameter names the launchers marshal against are those of lora.cu's entry points.
+    tu = kc.translation_unit()
+    for macro, params in (("ALORA_SHRINK", kl.SHRINK_PARAMS), ("ALORA_EXPAND", kl.EXPAND_PARAMS)):
+        body = tu[tu.index(f"#define {macro}(") :]
+        decl = body[body.index("NAME(") + 5 : body.index(")", body.index("NAME("))]
+        names = [p.replace("\\", " ").split()[-1].lstrip("*") for p in decl.split(",")]
+        assert tuple(names) == params
+
+
+def test_fused_launch_passes_every_modules_rows() -> None:
+    # One batch per module (the runtime's): shrink reads module m's A rows through rows<m>,
+    # expand its Bt rows; the segment arrays are shared. A single module passes null for the
+    # other two row lists.
+    inp = make_inputs(
+        Case(
+            torch.float16, ((2, 4), (3, 8)), 1, 64, (32, 48, 16), granularity=16, distinct_rows=True
+        )
+    )
+    launches: list[kl.Launch] = []
+    backend = kl.CudaBackend("cpu", executor=launches.append, num_sms=4)
+    backend.add_lora_fused(inp.ys, inp.x, inp.a_pools, inp.bt_pools, inp.batches)
+    shrink, expand = (launch.named() for launch in launches)
+    b = inp.batches
+    assert [shrink[f"rows{m}"] for m in range(3)] == [x.rows.data_ptr() for x in b]
+    assert [expand[f"rows{m}"] for m in range(3)] == [x.bt.rows.data_ptr() for x in b]
+    assert len({shrink["rows0"], expand["rows0"], shrink["rows1"]}) == 3  # all distinct
+    for launch in (shrink, expand):
+        assert launch["token_idx"] == b[0].token_idx.data_ptr()
+        assert launch["seg_row_start"] == b[0].seg_row_start.data_ptr()
+    launches.clear()
+    backend.add_lora(inp.ys[1], inp.x, inp.a_pools[1], inp.bt_pools[1], b[1])
+    shrink, expand = (launch.named() for launch in launches)
+    assert (shrink["nmod"], shrink["rows0"], shrink["rows1"], shrink["rows2"]) == (
+        1, b[1].rows.data_ptr(), 0, 0
+    )  # fmt: skip
+    assert (expand["rows0"], expand["rows1"], expand["rows2"]) == (b[1].bt.rows.data_ptr(), 0, 0)
+
+
+def test_fused_batches_must_share_segments() -> None:
+    from dataclasses import replace
+
+    inp = make_inputs(Case(torch.float16, ((2, 4), (3, 8)), 1, 64, (32, 48), distinct_rows=True))
+    launches: list[kl.Launch] = []
+    backend = kl.CudaBackend("cpu", executor=launches.append, num_sms=4)
+    b0, b1 = inp.batches
+    assert backend.fusable(inp.x, inp.batches) and kl.same_segments(b0, b1)
+    other_rank = replace(b1, seg_rank_host=(2, 8))
+    other_tokens = replace(
+        b1, token_idx=b1.token_idx.flip(0).clone(), token_idx_host=None
+    )  # same shape, a separate tensor: compared by value
+    same_tokens = replace(b1, token_idx=b1.token_idx.clone(), token_idx_host=None)
+    assert kl.same_segments(b0, same_tokens) and backend.fusable(inp.x, [b0, same_tokens])
+    for bad, what in ((other_rank, "seg_rank"), (other_tokens, "token_idx")):
+        assert not kl.same_segments(b0, bad) and not backend.fusable(inp.x, [b0, bad])
+        with pytest.raises(ValueError, match=f"batches\\[1\\] differs .* in {what}"):
+            backend.add_lora_fused(inp.ys, inp.x, inp.a_pools, inp.bt_pools, [b0, bad])
+        with pytest.raises(ValueError, match="share their segments"):
+            backend.shrink(inp.x, inp.a_pools, [b0, bad])
+    with pytest.raises(ValueError, match="3 batches for 2 modules"):
+        backend.add_lora_fused(inp.ys, inp.x, inp.a_pools, inp.bt_pools, [b0, b1, b1])
+    assert launches == []
+    assert not backend.fusable(inp.x.double(), inp.batches)  # not a kernel dtype
+    assert not backend.fusable(inp.x, [b0] * 4)  # more than one launch takes
+
+
+def test_expand_takes_a_module_of_a_fused_shrink() -> None:
+    inp = make_inputs(Case(torch.float32, ((2, 4),), 1, 64, (32, 48, 16), distinct_rows=True))
+    launches: list[kl.Launch] = []
+    backend = kl.CudaBackend("cpu", executor=launches.append, num_sms=4)
+    plan = backend.plan(inp.batches, 64)
+    assert plan.num_modules == 3
+    vp = backend.shrink(inp.x, inp.a_pools, inp.batches, plan=plan)
+    backend.expand([inp.ys[2]], [inp.bt_pools[2]], vp, inp.batches[2], plan, module=2)
+    backend.expand(inp.ys[:2], inp.bt_pools[:2], vp[:2], inp.batches[:2], plan)
+    one, two = launches[1].named(), launches[2].named()
+    assert one["vp"] == vp[2].data_ptr() and one["rows0"] == inp.batches[2].bt.rows.data_ptr()
+    assert two["vp"] == vp.data_ptr() and two["out1"] == 48
+    with pytest.raises(ValueError, match="module 2 of a 3-module plan"):
+        backend.expand(inp.ys[:2], inp.bt_pools[:2], vp, inp.batches[:2], plan, module=2)
+    for bad in (vp.double(), vp[..., :1], torch.empty(plan.vp_shape[::-1]).permute(3, 2, 1, 0)):
+        with pytest.raises(ValueError, match="vp must be contiguous float32"):
+            backend.expand([inp.ys[0]], [inp.bt_pools[0]], bad, inp.batches[0], plan)
 
 
 def test_emulated_add_lora_matches_torch_backend(emu: kl.CudaBackend) -> None:
@@ -336,6 +433,15 @@ def test_emulated_add_lora_matches_torch_backend(emu: kl.CudaBackend) -> None:
     for y, a, b in zip(ref, inp.a_pools, inp.bt_pools, strict=True):
         TorchBackend().add_lora(y, inp.x, a, b, inp.batch)
     emu.add_lora_fused(inp.ys, inp.x, inp.a_pools, inp.bt_pools, inp.batch)  # 4 modules: 3 + 1
+    for got, want in zip(inp.ys, ref, strict=True):
+        assert rel_err(got, want) <= 1e-5
+    # one batch per module, own A and Bt rows in one arena (the runtime's layout)
+    case = Case(torch.float32, ((6, 8), (2, 16)), 3, 128, (64, 32, 32), granularity=40)
+    inp = make_inputs(Case(**{**case.__dict__, "distinct_rows": True}))
+    ref = [y.clone() for y in inp.ys]
+    for y, a, b, batch in zip(ref, inp.a_pools, inp.bt_pools, inp.batches, strict=True):
+        TorchBackend().add_lora(y, inp.x, a, b, batch)
+    emu.add_lora_fused(inp.ys, inp.x, inp.a_pools, inp.bt_pools, inp.batches)
     for got, want in zip(inp.ys, ref, strict=True):
         assert rel_err(got, want) <= 1e-5
     # float64 is not a kernel dtype: the backend delegates to the reference

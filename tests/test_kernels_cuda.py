@@ -1,7 +1,9 @@
 """GPU tests of the CUDA kernels: each kernel (both forms, every dtype, fused and single) against
 the float64 torch reference over hypothesis-drawn shapes, V poisoned before the launch, inactive
-tokens bit-identical; grid limits at large token counts; the runtime end to end on CUDA with
-the CUDA backend against the CPU reference. Skipped without a CUDA GPU."""
+tokens bit-identical; fused launches with per-module row lists (the runtime's layout), expanded
+together or module by module from slices of V; grid limits at large token counts; the runtime
+end to end on CUDA with the CUDA backend against the CPU reference, and with q/k/v and gate/up
+fused in the hooks. Skipped without a CUDA GPU."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ pytestmark = [
 pytest.importorskip("cuda.core", reason="cuda-python is not installed (pip install 'alora[cuda]')")
 
 from alora.kernels import default_backend  # noqa: E402
+from alora.kernels import launch as kl  # noqa: E402
 from alora.kernels.launch import CudaBackend  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -36,7 +39,7 @@ def backend() -> CudaBackend:
 
 
 @st.composite
-def cases(draw: st.DrawFn) -> Case:
+def cases(draw: st.DrawFn, distinct_rows: bool = False) -> Case:
     nseg = draw(st.integers(1, 12))
     segs = tuple(
         (
@@ -62,6 +65,7 @@ def cases(draw: st.DrawFn) -> Case:
         form=form,
         ks=draw(st.one_of(st.none(), st.sampled_from([k for k in (256, 1024) if k <= max_ks]))),
         granularity=draw(st.one_of(st.none(), st.integers(1, 300), st.sampled_from([64, 192]))),
+        distinct_rows=distinct_rows,
     )
 
 
@@ -69,6 +73,37 @@ def cases(draw: st.DrawFn) -> Case:
 @given(case=cases())
 def test_kernels_match_float64_reference(backend: CudaBackend, case: Case) -> None:
     check_case(backend, case, "cuda")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(distinct_rows=True), expand_each=st.booleans())
+def test_fused_per_module_rows_match_float64_reference(
+    backend: CudaBackend, case: Case, expand_each: bool
+) -> None:
+    # One batch per module (own A and Bt row ids, one arena for all modules with a
+    # granularity); one fused shrink, expand fused or each module from its slice of V.
+    check_case(backend, case, "cuda", expand_each=expand_each)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["dec", "seg"])
+@pytest.mark.parametrize("expand_each", [False, True], ids=["fused-expand", "expand-each"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        # Llama-8B q/k/v at decode, rows in one arena (g = 192), every module its own rows
+        Case(torch.float16, tuple((1, 16) for _ in range(32)), 8, 4096, (4096, 1024, 1024)),
+        # gate/up of a prefill chunk, unaligned arena rows (scalar loads)
+        Case(torch.float16, ((40, 64), (7, 8), (3, 128)), 3, 1000, (2816, 2816), granularity=5),
+    ],
+    ids=["qkv-decode", "gate-up-prefill"],
+)
+def test_fused_per_module_rows_shapes(
+    backend: CudaBackend, case: Case, form: str, dtype: torch.dtype, expand_each: bool
+) -> None:
+    gran = case.granularity or 192
+    fields = {**case.__dict__, "dtype": dtype, "form": form, "granularity": gran}
+    check_case(backend, Case(**{**fields, "distinct_rows": True}), "cuda", expand_each=expand_each)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -169,3 +204,56 @@ def test_runtime_end_to_end_cuda_matches_cpu(arch_setup: Callable[..., object]) 
         torch.testing.assert_close(
             torch.stack(g.logits).cpu(), torch.stack(e.logits), atol=1e-3, rtol=1e-3
         )
+
+
+def test_runtime_fuses_qkv_and_gate_up_on_cuda(arch_setup: Callable[..., object]) -> None:
+    # Adapters on q/k/v alike next to an MLP-only LoRA and a base request: every layer's
+    # q/k/v share one shrink launch (nmod 3), gate/up another (nmod 2); results as on the CPU.
+    from conftest import INV1
+
+    from alora import AdapterRuntime
+
+    setup = arch_setup("llama")
+    prompts = [[20, 21, 22, *INV1, 23, 24], [40, 41, 42, 43, 44, 45, 46], [50, 51, 52, 53]]
+    adapters = ["alora_all", "lora_mlp", None]
+    kw = dict(max_new_tokens=6, stop_token_ids=(), return_logits=True)
+    cpu_rt = setup.runtime()  # type: ignore[attr-defined]
+    try:
+        expected = cpu_rt.generate(prompts, adapters, **kw)
+    finally:
+        cpu_rt.detach()
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    inner = kl._CudaExecutor(dev, sync_check=True)
+    launches: list[kl.Launch] = []
+
+    def record(launch: kl.Launch) -> None:
+        launches.append(launch)
+        inner(launch)
+
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    backend = CudaBackend(dev, executor=record, num_sms=sms)
+    model = copy.deepcopy(setup.model).to("cuda")  # type: ignore[attr-defined]
+    rt = AdapterRuntime(
+        model,
+        block_size=4,
+        kv_cache_blocks=256,
+        adapter_rows=64,
+        max_batch_tokens=64,
+        lora_backend=backend,
+    )
+    try:
+        for name in setup.adapter_names:  # type: ignore[attr-defined]
+            rt.load_adapter(name, setup.dirs[name])  # type: ignore[attr-defined]
+        got = rt.generate(prompts, adapters, **kw)
+    finally:
+        rt.detach()
+    for e, g in zip(expected, got, strict=True):
+        assert g.token_ids == e.token_ids
+        torch.testing.assert_close(
+            torch.stack(g.logits).cpu(), torch.stack(e.logits), atol=1e-3, rtol=1e-3
+        )
+    nmods = [ln.named()["nmod"] for ln in launches if "_shrink_" in ln.kernel]
+    layers = model.config.num_hidden_layers
+    assert nmods.count(3) > 0 and nmods.count(3) % layers == 0
+    assert nmods.count(2) > 0 and nmods.count(2) % layers == 0

@@ -358,8 +358,9 @@ impl Problem {
         b.arg(&self.token_idx)
             .arg(&self.seg_start)
             .arg(&self.seg_rank)
-            .arg(&self.seg_row_start)
-            .arg(&self.rows);
+            .arg(&self.seg_row_start);
+        // One row list per module (rows0-2): a single module, the other two null.
+        b.arg(&self.rows).arg(&null).arg(&null);
         // Row strides of the three A pools (contiguous [R, in] here; unused slots 0).
         b.arg(&mut self.vp)
             .arg(&in_f)
@@ -402,8 +403,9 @@ impl Problem {
         b.arg(&self.token_idx)
             .arg(&self.seg_start)
             .arg(&self.seg_rank)
-            .arg(&self.seg_row_start)
-            .arg(&self.rows);
+            .arg(&self.seg_row_start);
+        // Bt row lists per module (rows0-2): the bench's Bt rows share the A row ids.
+        b.arg(&self.rows).arg(&null).arg(&null);
         b.arg(&self.seg_scale).arg(&vec_mask);
         // SAFETY: argument list and types match alora_expand_*_f16 in cuda/lora.cu.
         unsafe { b.launch(self.expand_cfg) }.map(|_| ())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -263,6 +263,11 @@ class LoraStep:
     batches: dict[str, LoraBatch | None]  # module name -> batch (None: no segment targets it)
     pools: AdapterPools
     backend: LoraBackend
+    # Group fusion (backends with `fuse_groups`): fused shrinks waiting for their other
+    # members' hooks, by (layer, module), and the (layer, module) hooks that ran. Per step,
+    # so nothing outlives the forward pass or crosses to another runtime.
+    fused: dict[tuple[int, str], FusedShrink] = field(default_factory=dict, repr=False)
+    fired: set[tuple[int, str]] = field(default_factory=set, repr=False)
 
 
 _STEP: ContextVar[LoraStep | None] = ContextVar("alora_lora_step", default=None)
@@ -279,11 +284,63 @@ def lora_step(state: LoraStep) -> Iterator[LoraStep]:
         _STEP.reset(token)
 
 
+# Linears that read the same tensor in a decoder layer (Llama, Mistral, Qwen2/3, Granite...):
+# the attention input feeds q/k/v, the MLP input gate/up. Order = order within a fused launch.
+SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+)
+
+
+def fusion_groups(geometry: ModelGeometry) -> dict[str, tuple[str, ...]]:
+    """module name -> the modules that read its input (itself included, in launch order):
+    names of one `SHARED_INPUT_GROUPS` entry with the same parent module in the layer and the
+    same in_features. Modules without a partner are left out. A name table, not in_features
+    alone: o_proj often has q's in_features but reads the attention output."""
+    by_name = {spec.name: spec for spec in geometry.modules}
+    groups: dict[str, tuple[str, ...]] = {}
+    for names in SHARED_INPUT_GROUPS:
+        buckets: dict[tuple[str, int], list[str]] = {}
+        for n in names:
+            spec = by_name.get(n)
+            if spec is not None:
+                key = (spec.path.rpartition(".")[0], spec.in_features)
+                buckets.setdefault(key, []).append(n)
+        for members in buckets.values():
+            if len(members) > 1:
+                groups.update(dict.fromkeys(members, tuple(members)))
+    return groups
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """x's in-place version counter; None for inference tensors, which keep none."""
+    return None if x.is_inference() else int(x._version)
+
+
+@dataclass(eq=False)
+class FusedShrink:
+    """One fused shrink over a group's modules in one layer (x read once for all), kept in
+    the step until each member's hook expands its own slice `vp[index[name]]`."""
+
+    x: torch.Tensor  # the input it read: a member's hook uses it only for this very tensor
+    version: int | None  # x._version then (None: an inference tensor, no counter)
+    data_ptr: int
+    vp: torch.Tensor  # partial V of every member, [members, splits, T_active, ldv]
+    plan: Any
+    index: dict[str, int]  # member -> its module index in vp / plan
+
+    def reads(self, x: torch.Tensor) -> bool:
+        return self.x is x and self.data_ptr == x.data_ptr() and self.version == _version(x)
+
+
 class LoraHooks:
     """Forward hooks on the target linears of every decoder layer, registered per module
     name only while steps use that name: a module with any forward hook takes the slow
     path of `nn.Module.__call__`, which cost more than the step's LoRA math in batch-1
-    decode (7 linears x 30 layers on SmolLM2), and base-model steps need none at all."""
+    decode (7 linears x 30 layers on SmolLM2), and base-model steps need none at all.
+
+    With a backend that has `fuse_groups` (the CUDA kernels), modules that read the same
+    input (`fusion_groups`: q/k/v, gate/up) share one shrink per layer: see `_fused_add`."""
 
     def __init__(self, owner: object, layers: nn.ModuleList, geometry: ModelGeometry) -> None:
         self._owner = owner
@@ -291,6 +348,7 @@ class LoraHooks:
             spec.name: [(i, layer.get_submodule(spec.path)) for i, layer in enumerate(layers)]
             for spec in geometry.modules
         }
+        self.groups = fusion_groups(geometry)
         self._handles: dict[str, list[RemovableHandle]] = {}
 
     @property
@@ -307,8 +365,11 @@ class LoraHooks:
             for h in self._handles.pop(name):
                 h.remove()
         for name in wanted - self._handles.keys():
+            group = self.groups.get(name, ())
             self._handles[name] = [
-                module.register_forward_hook(_make_hook(self._owner, i, name), with_kwargs=True)
+                module.register_forward_hook(
+                    _make_hook(self._owner, i, name, group), with_kwargs=True
+                )
                 for i, module in self._sites[name]
             ]
 
@@ -319,7 +380,7 @@ class LoraHooks:
         self._handles.clear()
 
 
-def _make_hook(owner: object, layer: int, name: str) -> Any:
+def _make_hook(owner: object, layer: int, name: str, group: tuple[str, ...] = ()) -> Any:
     def hook(
         module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor
     ) -> torch.Tensor | None:
@@ -330,14 +391,73 @@ def _make_hook(owner: object, layer: int, name: str) -> Any:
         if batch is None:
             return None
         x = args[0] if args else kwargs["input"]
+        x2d = x.reshape(-1, x.shape[-1])
         y2d = output.view(-1, output.shape[-1])  # a view, so the in-place add reaches output
-        ctx.backend.add_lora(
-            y2d,
-            x.reshape(-1, x.shape[-1]),
-            ctx.pools.a[name][layer],
-            ctx.pools.bt[name][layer],
-            batch,
-        )
+        fuse = bool(group) and getattr(ctx.backend, "fuse_groups", False)
+        if fuse and _fused_add(ctx, layer, name, group, x, x2d, y2d, batch):
+            return output
+        ctx.backend.add_lora(y2d, x2d, ctx.pools.a[name][layer], ctx.pools.bt[name][layer], batch)
         return output
 
     return hook
+
+
+def _fused_add(
+    ctx: LoraStep,
+    layer: int,
+    name: str,
+    group: tuple[str, ...],
+    x: torch.Tensor,
+    x2d: torch.Tensor,
+    y2d: torch.Tensor,
+    batch: LoraBatch,
+) -> bool:
+    """Add module `name`'s delta through its group's fused shrink; False: not done, the
+    caller adds it on its own (`add_lora`), which is always correct.
+
+    The first member hook of a group to fire in a layer runs one shrink for itself and every
+    member that has not fired yet in this layer, is active this step and whose batch shares
+    its segments (`backend.fusable`: same tokens, ranks and scales, own rows), stashes it in
+    the step, and expands its own slice. A later member expands its slice only if the stash
+    read this very x (same tensor object, data pointer and version); else it goes alone.
+    Whatever the order the hooks fire in, each member's delta is added exactly once."""
+    backend: Any = ctx.backend
+    ctx.fired.add((layer, name))
+    bt = ctx.pools.bt[name][layer]
+    stash = ctx.fused.pop((layer, name), None)
+    if stash is not None:
+        if not stash.reads(x):
+            return False
+        backend.expand([y2d], [bt], stash.vp, [batch], stash.plan, module=stash.index[name])
+        return True
+    members = [
+        n
+        for n in group
+        if n == name
+        or (
+            (other := ctx.batches.get(n)) is not None
+            and (layer, n) not in ctx.fired
+            and (layer, n) not in ctx.fused
+            and backend.fusable(x2d, [batch, other])
+        )
+    ]
+    if len(members) < 2:
+        return False
+    batches = [ctx.batches[n] for n in members]
+    if not backend.fusable(x2d, batches):
+        return False
+    plan = backend.plan(batches, x2d.shape[1])
+    vp = backend.shrink(x2d, [ctx.pools.a[n][layer] for n in members], batches, plan=plan)
+    stash = FusedShrink(
+        x=x,
+        version=_version(x),
+        data_ptr=x.data_ptr(),
+        vp=vp,
+        plan=plan,
+        index={n: i for i, n in enumerate(members)},
+    )
+    for n in members:
+        if n != name:
+            ctx.fused[(layer, n)] = stash
+    backend.expand([y2d], [bt], vp, [batch], plan, module=stash.index[name])
+    return True

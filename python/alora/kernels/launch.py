@@ -49,8 +49,26 @@ class Launch:
     # numpy scalars with the C types of the kernel's parameters (np.uint64 for pointers)
     args: tuple[np.generic, ...]
 
+    def named(self) -> dict[str, int]:
+        """The arguments by kernel parameter name (`SHRINK_PARAMS` / `EXPAND_PARAMS`)."""
+        names = SHRINK_PARAMS if "_shrink_" in self.kernel else EXPAND_PARAMS
+        return {n: int(v) for n, v in zip(names, self.args, strict=True)}
+
 
 Executor = Callable[[Launch], None]
+# The kernels' parameter lists (cuda/lora.cu), in order: what `Launch.args` carries.
+SHRINK_PARAMS = (
+    "x", "a0", "a1", "a2", "nmod", "token_idx", "seg_start", "seg_rank", "seg_row_start",
+    "rows0", "rows1", "rows2", "vp", "in_f", "lda0", "lda1", "lda2", "ldv", "ks", "t_active",
+    "vec_ok",
+)  # fmt: skip
+EXPAND_PARAMS = (
+    "y0", "y1", "y2", "bt0", "bt1", "bt2", "out0", "out1", "out2", "ldb0", "ldb1", "ldb2",
+    "ct1", "ct2", "ct_total", "vp", "nsplit", "t_active", "ldv", "token_idx", "seg_start",
+    "seg_rank", "seg_row_start", "rows0", "rows1", "rows2", "seg_scale", "vec_mask",
+)  # fmt: skip
+# One LoraBatch for every module, or one per module (fused modules: same segments).
+Batches = LoraBatch | Sequence[LoraBatch]
 
 
 @dataclass(frozen=True)
@@ -153,25 +171,79 @@ def row_stride(pool: torch.Tensor) -> int:
     return int(pool.stride(0))
 
 
-def _batch_args(batch: LoraBatch) -> tuple[np.uint64, ...]:
+def per_module(batches: Batches, n: int) -> list[LoraBatch]:
+    """One batch per module: a single LoraBatch serves all `n` (rows shared by every pool)."""
+    if isinstance(batches, LoraBatch):
+        return [batches] * n
+    out = list(batches)
+    if len(out) != n:
+        raise ValueError(f"{len(out)} batches for {n} modules")
+    return out
+
+
+def _segment_mismatch(a: LoraBatch, b: LoraBatch) -> str | None:
+    """What keeps `b` from sharing `a`'s segments in one launch (None: nothing). Fused modules
+    share token_idx, seg_start, seg_rank, seg_row_start and seg_scale; only their row ids
+    (`rows`, `bt_rows`) may differ. Host facts only, except token_idx tensors that are neither
+    the same object nor come with host copies (compared on the device: a sync)."""
+    if a is b:
+        return None
+    for what in ("seg_start_host", "seg_rank_host", "seg_row_start_host", "seg_scale_host"):
+        if getattr(a, what) != getattr(b, what):
+            return what.removesuffix("_host")
+    ta, tb = a.token_idx, b.token_idx
+    if ta is tb:
+        return None
+    if ta.shape != tb.shape or ta.device != tb.device or ta.dtype != tb.dtype:
+        return "token_idx"
+    if a.token_idx_host is not None and b.token_idx_host is not None:
+        same = bool(np.array_equal(a.token_idx_host, b.token_idx_host))
+    else:
+        same = bool(torch.equal(ta, tb))
+    return None if same else "token_idx"
+
+
+def same_segments(a: LoraBatch, b: LoraBatch) -> bool:
+    """Whether two modules' batches can share one fused launch (they differ at most in rows)."""
+    return _segment_mismatch(a, b) is None
+
+
+def check_shared_segments(batches: Sequence[LoraBatch]) -> None:
+    for m, b in enumerate(batches[1:], 1):
+        what = _segment_mismatch(batches[0], b)
+        if what is not None:
+            raise ValueError(
+                f"batches[{m}] differs from batches[0] in {what}: fused modules must share "
+                "their segments (tokens, ranks, row offsets, scales); only rows may differ"
+            )
+
+
+def _segment_args(batch: LoraBatch) -> tuple[np.uint64, ...]:
     return (
         _ptr(batch.token_idx),
         _ptr(batch.seg_start),
         _ptr(batch.seg_rank),
         _ptr(batch.seg_row_start),
-        _ptr(batch.rows),
     )
+
+
+def _rows_args(rows: Sequence[torch.Tensor]) -> tuple[np.uint64, ...]:
+    """rows0-2: one row list per module, null for the unused slots."""
+    return tuple(_ptr(r) for r in [*rows, *[None] * (MAX_FUSED - len(rows))])
 
 
 def shrink_launch(
     plan: ShrinkPlan,
     x: torch.Tensor,
     a_pools: Sequence[torch.Tensor],
-    batch: LoraBatch,
+    batches: Batches,
     vp: torch.Tensor,
     *,
     threads: int | None = None,
 ) -> Launch:
+    """Module m reads its A rows through `batches[m].rows`; the segments are batches[0]'s."""
+    bl = per_module(batches, len(a_pools))
+    batch = bl[0]
     cfg = _FORM[plan.form]
     tm, rpw = cfg["shrink_tm"], cfg["rpw"]
     in_f = x.shape[1]
@@ -190,7 +262,8 @@ def shrink_launch(
             _ptr(x),
             *(_ptr(p) for p in pools),
             _i32(len(a_pools)),
-            *_batch_args(batch),
+            *_segment_args(batch),
+            *_rows_args([b.rows for b in bl]),
             _ptr(vp),
             _i32(in_f),
             *(_i32(row_stride(p) if p is not None else 0) for p in pools),
@@ -207,13 +280,17 @@ def expand_launch(
     ys: Sequence[torch.Tensor],
     bt_pools: Sequence[torch.Tensor],
     vp: torch.Tensor,
-    batch: LoraBatch,
+    batches: Batches,
     num_sms: int,
     *,
     threads: int | None = None,
 ) -> Launch:
     """Column tiles of all modules' outputs on grid.y; block width shrinks (128 -> 32 threads)
-    while the grid has fewer than two blocks per SM, so decode steps spread over the GPU."""
+    while the grid has fewer than two blocks per SM, so decode steps spread over the GPU.
+    Module m reads V from vp[m] (`vp` holds len(ys) modules' partial V: a whole shrink output
+    or a slice of one) and its Bt rows through `batches[m].bt.rows`."""
+    bl = per_module(batches, len(ys))
+    batch = bl[0]
     cfg = _FORM[plan.form]
     tt = cfg["expand_tt"]
     esz = ys[0].element_size()
@@ -253,7 +330,8 @@ def expand_launch(
             _i32(plan.nsplit),
             _i32(plan.t_active),
             _i32(plan.ldv),
-            *_batch_args(batch.bt),  # expand reads the Bt rows
+            *_segment_args(batch),
+            *_rows_args([b.bt.rows for b in bl]),  # expand reads the Bt rows
             _ptr(batch.seg_scale),
             _i32(vec_mask),
         ),
@@ -287,45 +365,21 @@ def _check_pool(t: torch.Tensor, what: str, dtype: torch.dtype, device: torch.de
         raise ValueError(f"{what} row stride {t.stride(0)} exceeds the kernels' 32-bit strides")
 
 
-def validate(
-    ys: Sequence[torch.Tensor],
-    x: torch.Tensor,
-    a_pools: Sequence[torch.Tensor],
-    bt_pools: Sequence[torch.Tensor],
-    batch: LoraBatch,
-) -> None:
-    """Host-side checks only (shapes, dtypes, devices, ranks): no device sync. Token indices and
-    pool rows are trusted to be in range, as the Rust planner guarantees."""
-    if not (len(ys) == len(a_pools) == len(bt_pools) >= 1):
-        raise ValueError("ys, a_pools and bt_pools must be non-empty and of equal length")
-    dev, dt = x.device, x.dtype
-    if x.dim() != 2:
-        raise ValueError(f"x must be [T, in], got shape {tuple(x.shape)}")
-    _check_tensor(x, "x", dt, dev)
-    t, in_f = x.shape
-    for m, (y, a, b) in enumerate(zip(ys, a_pools, bt_pools, strict=True)):
-        if y.dim() != 2:
-            raise ValueError(f"ys[{m}] must be 2-D, got shape {tuple(y.shape)}")
-        _check_tensor(y, f"ys[{m}]", dt, dev)
-        _check_pool(a, f"a_pools[{m}]", dt, dev)
-        _check_pool(b, f"bt_pools[{m}]", dt, dev)
-        if y.shape[0] != t:
-            raise ValueError(f"ys[{m}] has {y.shape[0]} rows, x has {t}")
-        if a.shape[1] != in_f:
-            raise ValueError(f"a_pools[{m}] is [R, {a.shape[1]}], x has {in_f} features")
-        if b.shape[1] != y.shape[1]:
-            raise ValueError(f"bt_pools[{m}] is [R, {b.shape[1]}], ys[{m}] has {y.shape[1]}")
-        if a.shape[0] != b.shape[0]:
-            raise ValueError(f"a_pools[{m}] has {a.shape[0]} rows, bt_pools[{m}] {b.shape[0]}")
+def _validate_batches(batches: Sequence[LoraBatch], device: torch.device, rows: str) -> None:
+    """Segment tensors of batches[0] (the launch reads those), every module's `rows` ("rows":
+    A rows, "bt_rows": Bt rows) and the shared segments. Host-side only."""
+    batch = batches[0]
     for name, want in (
         ("token_idx", torch.int64),
         ("seg_start", torch.int32),
         ("seg_rank", torch.int32),
         ("seg_row_start", torch.int32),
-        ("rows", torch.int32),
         ("seg_scale", torch.float32),
     ):
-        _check_tensor(getattr(batch, name), f"batch.{name}", want, dev)
+        _check_tensor(getattr(batch, name), f"batch.{name}", want, device)
+    for m, b in enumerate(batches):
+        r = b.rows if rows == "rows" else b.bt.rows
+        _check_tensor(r, f"batches[{m}].{rows}", torch.int32, device)
     top = max_rank(batch)
     if top > MAX_RANK:
         raise ValueError(
@@ -336,6 +390,68 @@ def validate(
         raise ValueError("negative rank in batch.seg_rank_host")
     if len(batch.seg_start_host) != batch.num_segments + 1 and batch.num_segments:
         raise ValueError("batch.seg_start_host must have num_segments + 1 entries")
+    check_shared_segments(batches)
+
+
+def validate_shrink(
+    x: torch.Tensor, a_pools: Sequence[torch.Tensor], batches: Sequence[LoraBatch]
+) -> None:
+    """Host-side checks of the shrink half (shapes, dtypes, devices, ranks, shared segments):
+    no device sync. Token indices and pool rows are trusted to be in range, as the Rust
+    planner guarantees."""
+    if not 1 <= len(a_pools) <= MAX_FUSED or len(batches) != len(a_pools):
+        raise ValueError(f"1 to {MAX_FUSED} A pools, one batch each, expected")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, in], got shape {tuple(x.shape)}")
+    dev, dt = x.device, x.dtype
+    _check_tensor(x, "x", dt, dev)
+    for m, a in enumerate(a_pools):
+        _check_pool(a, f"a_pools[{m}]", dt, dev)
+        if a.shape[1] != x.shape[1]:
+            raise ValueError(f"a_pools[{m}] is [R, {a.shape[1]}], x has {x.shape[1]} features")
+    _validate_batches(batches, dev, "rows")
+
+
+def validate_expand(
+    ys: Sequence[torch.Tensor], bt_pools: Sequence[torch.Tensor], batches: Sequence[LoraBatch]
+) -> None:
+    """Host-side checks of the expand half; ys[0] sets the dtype and device."""
+    if not 1 <= len(ys) <= MAX_FUSED or not len(ys) == len(bt_pools) == len(batches):
+        raise ValueError(f"1 to {MAX_FUSED} outputs, one Bt pool and one batch each, expected")
+    dev, dt = ys[0].device, ys[0].dtype
+    for m, (y, b) in enumerate(zip(ys, bt_pools, strict=True)):
+        if y.dim() != 2:
+            raise ValueError(f"ys[{m}] must be 2-D, got shape {tuple(y.shape)}")
+        _check_tensor(y, f"ys[{m}]", dt, dev)
+        _check_pool(b, f"bt_pools[{m}]", dt, dev)
+        if b.shape[1] != y.shape[1]:
+            raise ValueError(f"bt_pools[{m}] is [R, {b.shape[1]}], ys[{m}] has {y.shape[1]}")
+    _validate_batches(batches, dev, "bt_rows")
+
+
+def validate(
+    ys: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    a_pools: Sequence[torch.Tensor],
+    bt_pools: Sequence[torch.Tensor],
+    batches: Batches,
+) -> None:
+    """Both halves' host-side checks (no device sync), for any number of modules."""
+    if not (len(ys) == len(a_pools) == len(bt_pools) >= 1):
+        raise ValueError("ys, a_pools and bt_pools must be non-empty and of equal length")
+    bl = per_module(batches, len(ys))
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, in], got shape {tuple(x.shape)}")
+    # A and Bt pools may have different row counts: their row ids are independent (the
+    # runtime's are views of the KV arena per row width).
+    for m, y in enumerate(ys):
+        if y.dim() == 2 and y.shape[0] != x.shape[0]:
+            raise ValueError(f"ys[{m}] has {y.shape[0]} rows, x has {x.shape[0]}")
+    for g in range(0, len(ys), MAX_FUSED):
+        sl = slice(g, g + MAX_FUSED)
+        validate_shrink(x, a_pools[sl], bl[sl])
+        _check_tensor(ys[g], f"ys[{g}]", x.dtype, x.device)
+        validate_expand(ys[sl], bt_pools[sl], bl[sl])
 
 
 class _CudaExecutor:
@@ -412,9 +528,14 @@ class _CudaExecutor:
 class CudaBackend:
     """The LoRA op on the CUDA kernels (`LoraBackend` protocol), plus `add_lora_fused` for
     modules that read the same input (q/k/v, gate/up): one shrink and one expand launch for up
-    to three modules. Dtypes other than fp16/bf16/fp32 go to the torch reference."""
+    to three modules, each with its own rows. `shrink` / `expand` are the two halves, public
+    so that the LoRA hooks run one fused shrink for a group and expand each module from its
+    slice of V when its own hook fires (`fuse_groups`). Dtypes other than fp16/bf16/fp32 go
+    to the torch reference."""
 
     name = "cuda"
+    # Capability for the LoRA hooks: modules that read the same x may share one shrink.
+    fuse_groups = True
 
     def __init__(
         self,
@@ -456,57 +577,87 @@ class CudaBackend:
         x: torch.Tensor,
         a_pools: Sequence[torch.Tensor],
         bt_pools: Sequence[torch.Tensor],
-        batch: LoraBatch,
+        batches: Batches,
     ) -> None:
         """For each module m and active token t of segment a:
-        ys[m][t] += scale(a) * (x[t] @ a_pools[m][rows(a)]^T) @ bt_pools[m][rows(a)].
+        ys[m][t] += scale(a) * (x[t] @ a_pools[m][rows_m(a)]^T) @ bt_pools[m][bt_rows_m(a)].
 
-        Pools are 2-D with unit column stride and any row stride (each pool's `stride(0)`
-        goes to the kernels as its own lda / ldb), so the runtime's overlapping views of the
-        KV cache run in place. The fused modules share the batch, hence the row ids: the
-        runtime's modules each have their own rows, so it calls `add_lora` per module."""
+        `batches`: one LoraBatch per module (the runtime's: each module has its own A and Bt
+        row ids), or one for all. The modules' batches must share their segments (token_idx,
+        seg_start, seg_rank, seg_row_start, seg_scale; `same_segments`), else ValueError: a
+        module whose ranks differ from the others' goes through its own `add_lora`. Pools are
+        2-D with unit column stride and any row stride (each pool's `stride(0)` goes to the
+        kernels as its own lda / ldb), so the runtime's overlapping views of the KV cache run
+        in place. More than three modules take one launch pair per three."""
+        bl = per_module(batches, len(ys))
         if x.dtype not in DTYPE_SUFFIX:
-            for y, a, b in zip(ys, a_pools, bt_pools, strict=True):
+            for y, a, b, batch in zip(ys, a_pools, bt_pools, bl, strict=True):
                 self._fallback.add_lora(y, x, a, b, batch)
             return
-        validate(ys, x, a_pools, bt_pools, batch)
-        if batch.num_active == 0 or max_rank(batch) == 0:
+        validate(ys, x, a_pools, bt_pools, bl)
+        if bl[0].num_active == 0 or max_rank(bl[0]) == 0:
             return
         for g in range(0, len(ys), MAX_FUSED):
             sl = slice(g, g + MAX_FUSED)
-            plan = self.plan(batch, x.shape[1], num_modules=len(ys[sl]))
-            vp = self.shrink(x, a_pools[sl], batch, plan=plan)
-            self.expand(ys[sl], bt_pools[sl], vp, batch, plan)
+            plan = self.plan(bl[sl], x.shape[1])
+            vp = torch.empty(plan.vp_shape, dtype=torch.float32, device=x.device)
+            self._run(shrink_launch(plan, x, a_pools[sl], bl[sl], vp))
+            self._run(expand_launch(plan, ys[sl], bt_pools[sl], vp, bl[sl], self.num_sms))
 
-    # ---- the two halves, public for tests and benches -----------------------------------
+    def fusable(self, x: torch.Tensor, batches: Sequence[LoraBatch]) -> bool:
+        """Whether `shrink` can take these modules in one launch: a kernel dtype, 1 to 3
+        modules, shared segments, ranks within the kernels' limit and something to compute.
+        Host facts only (token_idx: same object or host copies, as the runtime's are)."""
+        if x.dtype not in DTYPE_SUFFIX or not 1 <= len(batches) <= MAX_FUSED:
+            return False
+        b0 = batches[0]
+        if b0.num_active == 0 or not 0 < max_rank(b0) <= MAX_RANK:
+            return False
+        return all(same_segments(b0, b) for b in batches[1:])
+
+    # ---- the two halves: tests, benches and the hooks' fused q/k/v and gate/up ----------
 
     def plan(
         self,
-        batch: LoraBatch,
+        batches: Batches,
         in_features: int,
         *,
-        num_modules: int = 1,
+        num_modules: int | None = None,
         form: str | None = None,
         ks: int | None = None,
     ) -> ShrinkPlan:
+        """The shrink plan (form, K split, V layout) for the modules of `batches` (a single
+        batch: `num_modules`, default 1); expand takes the same plan."""
+        if num_modules is None:
+            num_modules = 1 if isinstance(batches, LoraBatch) else len(batches)
         if not 1 <= num_modules <= MAX_FUSED:
             raise ValueError(f"num_modules must be in [1, {MAX_FUSED}], got {num_modules}")
+        batch = per_module(batches, num_modules)[0]
         return plan_shrink(batch, in_features, num_modules, self.num_sms, form=form, ks=ks)
 
     def shrink(
         self,
         x: torch.Tensor,
         a_pools: Sequence[torch.Tensor],
-        batch: LoraBatch,
+        batches: Batches,
         *,
         plan: ShrinkPlan | None = None,
         out: torch.Tensor | None = None,
         threads: int | None = None,
     ) -> torch.Tensor:
-        """Partial V (fp32, `plan.vp_shape`); only entries [m, :, i, j < rank] are written."""
-        plan = plan or self.plan(batch, x.shape[1], num_modules=len(a_pools))
+        """Partial V (fp32, `plan.vp_shape` = [modules, splits, T_active, ldv]) of every
+        module, each through its own A rows (`batches[m].rows`); only entries
+        [m, :, i, j < rank] are written. vp[m] (or vp[m:m + k]) is contiguous: what `expand`
+        takes for module m alone (or k modules)."""
+        bl = per_module(batches, len(a_pools))
+        plan = plan or self.plan(bl, x.shape[1])
         if len(a_pools) != plan.num_modules:
             raise ValueError(f"plan is for {plan.num_modules} modules, got {len(a_pools)} pools")
+        if x.dtype not in DTYPE_SUFFIX:
+            raise TypeError(
+                f"the CUDA kernels take {sorted(map(str, DTYPE_SUFFIX))}, not {x.dtype}"
+            )
+        validate_shrink(x, a_pools, bl)
         if out is None:
             out = torch.empty(plan.vp_shape, dtype=torch.float32, device=x.device)
         elif tuple(out.shape) != plan.vp_shape or out.dtype != torch.float32:
@@ -515,8 +666,8 @@ class CudaBackend:
             )
         elif not out.is_contiguous() or out.device != x.device:
             raise ValueError("out must be contiguous and on x's device")
-        if batch.num_active and batch.num_segments and max_rank(batch) > 0:
-            self._run(shrink_launch(plan, x, a_pools, batch, out, threads=threads))
+        if bl[0].num_active and bl[0].num_segments and max_rank(bl[0]) > 0:
+            self._run(shrink_launch(plan, x, a_pools, bl, out, threads=threads))
         return out
 
     def expand(
@@ -524,14 +675,38 @@ class CudaBackend:
         ys: Sequence[torch.Tensor],
         bt_pools: Sequence[torch.Tensor],
         vp: torch.Tensor,
-        batch: LoraBatch,
+        batches: Batches,
         plan: ShrinkPlan,
         *,
+        module: int = 0,
         threads: int | None = None,
     ) -> None:
-        if tuple(vp.shape) != plan.vp_shape or vp.dtype != torch.float32 or not vp.is_contiguous():
-            raise ValueError(f"vp must be contiguous float32 {plan.vp_shape}")
-        if len(ys) != plan.num_modules:
-            raise ValueError(f"plan is for {plan.num_modules} modules, got {len(ys)} outputs")
-        if batch.num_active and batch.num_segments and max_rank(batch) > 0:
-            self._run(expand_launch(plan, ys, bt_pools, vp, batch, self.num_sms, threads=threads))
+        """ys[k] += scale * V[module + k] @ Bt rows of `batches[k]`, for k < len(ys).
+
+        `vp` is a whole `shrink` output (`plan.vp_shape`; modules module .. module +
+        len(ys) - 1 of the plan are expanded) or a slice of one (`vp[m:m + len(ys)]`,
+        with module=0). So a fused shrink's modules may be expanded together or one at a
+        time, each with its own batch (its Bt rows)."""
+        tail = plan.vp_shape[1:]
+        if vp.dtype != torch.float32 or not vp.is_contiguous() or tuple(vp.shape[1:]) != tail:
+            raise ValueError(
+                f"vp must be contiguous float32 [modules, {', '.join(map(str, tail))}]"
+            )
+        n = len(ys)
+        if vp.shape[0] == plan.num_modules and module >= 0 and module + n <= plan.num_modules:
+            vp = vp[module : module + n]
+        elif not (vp.shape[0] == n and module == 0):
+            raise ValueError(
+                f"{n} outputs from module {module} of a {plan.num_modules}-module plan, "
+                f"with vp for {vp.shape[0]} modules"
+            )
+        bl = per_module(batches, n)
+        if ys and ys[0].dtype not in DTYPE_SUFFIX:
+            raise TypeError(
+                f"the CUDA kernels take {sorted(map(str, DTYPE_SUFFIX))}, not {ys[0].dtype}"
+            )
+        validate_expand(ys, bt_pools, bl)
+        if bl[0].num_active != plan.t_active or max_rank(bl[0]) > plan.ldv:
+            raise ValueError("the batches do not match the plan (active tokens or ranks)")
+        if bl[0].num_active and bl[0].num_segments and max_rank(bl[0]) > 0:
+            self._run(expand_launch(plan, ys, bt_pools, vp, bl, self.num_sms, threads=threads))

@@ -70,8 +70,8 @@ float __shfl_xor_sync(unsigned, float v, int off) {
   if (name == #NAME) {                                                                            \
     return run_grid(gx, gy, gz, bx, shmem, [&] {                                                  \
       NAME(static_cast<const T*>(x), static_cast<const T*>(a0), static_cast<const T*>(a1),        \
-           static_cast<const T*>(a2), nmod, token_idx, seg_start, seg_rank, seg_row_start, rows, \
-           vp, in_f, lda0, lda1, lda2, ldv, ks, t_active, vec_ok);                                \
+           static_cast<const T*>(a2), nmod, token_idx, seg_start, seg_rank, seg_row_start,       \
+           rows0, rows1, rows2, vp, in_f, lda0, lda1, lda2, ldv, ks, t_active, vec_ok);          \
     });                                                                                           \
   }
 
@@ -81,7 +81,8 @@ float __shfl_xor_sync(unsigned, float v, int off) {
       NAME(static_cast<T*>(y0), static_cast<T*>(y1), static_cast<T*>(y2),                         \
            static_cast<const T*>(bt0), static_cast<const T*>(bt1), static_cast<const T*>(bt2),    \
            out0, out1, out2, ldb0, ldb1, ldb2, ct1, ct2, ct_total, vp, nsplit, t_active, ldv,     \
-           token_idx, seg_start, seg_rank, seg_row_start, rows, seg_scale, vec_mask);             \
+           token_idx, seg_start, seg_rank, seg_row_start, rows0, rows1, rows2, seg_scale,         \
+           vec_mask);                                                                             \
     });                                                                                           \
   }
 
@@ -89,8 +90,9 @@ extern "C" int emu_shrink(const char* kernel, unsigned gx, unsigned gy, unsigned
                           unsigned shmem, const void* x, const void* a0, const void* a1,
                           const void* a2, int nmod, const long long* token_idx,
                           const int* seg_start, const int* seg_rank, const int* seg_row_start,
-                          const int* rows, float* vp, int in_f, int lda0, int lda1, int lda2,
-                          int ldv, int ks, int t_active, int vec_ok) {
+                          const int* rows0, const int* rows1, const int* rows2, float* vp,
+                          int in_f, int lda0, int lda1, int lda2, int ldv, int ks, int t_active,
+                          int vec_ok) {
   const std::string name(kernel);
   EMU_SHRINK(alora_shrink_dec_f32, float)
   EMU_SHRINK(alora_shrink_seg_f32, float)
@@ -107,8 +109,8 @@ extern "C" int emu_expand(const char* kernel, unsigned gx, unsigned gy, unsigned
                           int ldb0, int ldb1, int ldb2, int ct1, int ct2, int ct_total,
                           const float* vp, int nsplit, int t_active, int ldv,
                           const long long* token_idx, const int* seg_start, const int* seg_rank,
-                          const int* seg_row_start, const int* rows, const float* seg_scale,
-                          int vec_mask) {
+                          const int* seg_row_start, const int* rows0, const int* rows1,
+                          const int* rows2, const float* seg_scale, int vec_mask) {
   const std::string name(kernel);
   EMU_EXPAND(alora_expand_dec_f32, float)
   EMU_EXPAND(alora_expand_seg_f32, float)
