@@ -176,8 +176,6 @@ fn run<'s>(
     v: &mut [f32],
 ) {
     let (din, dout) = (a.width, bt.width);
-    let a_row = |id: i64| &a_arena[a.offset + id as usize * a.stride..][..din];
-    let bt_row = |id: i64| &bt_arena[bt.offset + id as usize * bt.stride..][..dout];
     for s in 0..seg.seg_scale.len() {
         let toks = &seg.token_idx[seg.seg_start[s] as usize..seg.seg_start[s + 1] as usize];
         let r0 = seg.seg_row_start[s] as usize;
@@ -191,35 +189,25 @@ fn run<'s>(
         // Shrink: each A row is read from memory once and dotted with every token's x (one
         // row at a time: measured faster than interleaving several rows' streams).
         for (j, &rid) in seg.rows[r0..r1].iter().enumerate() {
-            let arow = a_row(rid);
+            let arow = row(a_arena, a, rid);
             for (i, &t) in toks.iter().enumerate() {
                 v[i * rank + j] = scale * dot(arow, &x[t as usize * din..][..din]);
             }
         }
-        // Expand: four Bt rows per pass over the token's y row.
+        // Expand: one Bt row at a time into the token's y row (in L1).
         let bt_ids = &seg.bt_rows[r0..r1];
         for (i, &t) in toks.iter().enumerate() {
             let yrow = &mut y[t as usize * dout..][..dout];
-            let vi = &v[i * rank..][..rank];
-            let mut j = 0;
-            while j + 4 <= rank {
-                axpy4(
-                    yrow,
-                    [vi[j], vi[j + 1], vi[j + 2], vi[j + 3]],
-                    [
-                        bt_row(bt_ids[j]),
-                        bt_row(bt_ids[j + 1]),
-                        bt_row(bt_ids[j + 2]),
-                        bt_row(bt_ids[j + 3]),
-                    ],
-                );
-                j += 4;
-            }
-            for jj in j..rank {
-                axpy(yrow, vi[jj], bt_row(bt_ids[jj]));
+            for (&c, &bid) in v[i * rank..][..rank].iter().zip(bt_ids) {
+                axpy(yrow, c, row(bt_arena, bt, bid));
             }
         }
     }
+}
+
+#[inline(always)]
+fn row(arena: &[f32], pool: RowPool, id: i64) -> &[f32] {
+    &arena[pool.offset + id as usize * pool.stride..][..pool.width]
 }
 
 const LANES: usize = 32;
@@ -258,16 +246,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 fn axpy(y: &mut [f32], c: f32, x: &[f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += c * xi;
-    }
-}
-
-/// `y += c0 x0 + c1 x1 + c2 x2 + c3 x3` in one pass over `y`.
-#[inline(always)]
-fn axpy4(y: &mut [f32], c: [f32; 4], x: [&[f32]; 4]) {
-    let n = y.len();
-    let (x0, x1, x2, x3) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
-    for k in 0..n {
-        y[k] += c[0] * x0[k] + c[1] * x1[k] + c[2] * x2[k] + c[3] * x3[k];
     }
 }
 
