@@ -1,5 +1,6 @@
 """The attention fast paths (causal prefill over the chunk's own K/V plus its cached part,
-in-place decode over a contiguous context, whole-block gathers) against the reference path
+in-place decode over a context in one or a few runs of consecutive blocks, runs merged by
+log-sum-exp, whole-block gathers) against the reference path
 (gathered slots and an explicit mask) and a dense float64 reference, on random layouts."""
 
 from __future__ import annotations
@@ -46,12 +47,22 @@ def _run_case(
     contiguous: bool,
     seed: int,
     d: int = 16,
+    runs: int = 0,
 ) -> None:
+    """`contiguous`: blocks in table order; else `runs` > 0 cuts the block ids into that
+    many runs of consecutive ids, shuffled (a conversation's layout); else every block apart."""
     g = torch.Generator().manual_seed(seed)
     bs = block_size
     nblocks = [math.ceil(c / bs) for c in ctx]
     num_blocks = sum(nblocks) + 2
-    order = list(range(num_blocks)) if contiguous else torch.randperm(num_blocks, generator=g)
+    if contiguous:
+        order = list(range(num_blocks))
+    elif runs:
+        cuts = sorted(torch.randperm(num_blocks - 1, generator=g)[: runs - 1].add(1).tolist())
+        pieces = [list(range(a, b)) for a, b in zip([0, *cuts], [*cuts, num_blocks], strict=True)]
+        order = [b for i in torch.randperm(len(pieces), generator=g).tolist() for b in pieces[i]]
+    else:
+        order = torch.randperm(num_blocks, generator=g).tolist()
     tables = np.full((len(ctx), max(nblocks) + 1), -1, dtype=np.int32)
     cur = 0
     for s, nb in enumerate(nblocks):
@@ -107,10 +118,12 @@ def _run_case(
             # The layouts drawn here are the ones the fast paths exist for.
             assert (meta.chunks is not None) == any(q > 1 for q in qlens)
             if contiguous and sum(q == 1 for q in qlens) == 1:
-                assert meta.decode_range is not None
+                assert meta.decode_runs is not None and len(meta.decode_runs) == 1
+            if runs and len(ctx) == 1 and qlens == [1]:
+                assert meta.decode_runs is not None and 1 <= len(meta.decode_runs) <= runs
             assert all(g.kv_blocks is not None for g in meta.groups)
         else:
-            assert meta.chunks is None and meta.decode_range is None
+            assert meta.chunks is None and meta.decode_runs is None
             assert all(g.kv_blocks is None for g in meta.groups)
         outs[fast] = paged_attention(
             q_all, k_new, v_new, cache, layer, meta, scaling=scaling, sliding_window=window
@@ -143,6 +156,7 @@ def _cases(draw: st.DrawFn) -> dict:
         window=draw(st.sampled_from([None, 5, 64, 200])),
         contiguous=draw(st.booleans()),
         seed=draw(st.integers(0, 10_000)),
+        runs=draw(st.sampled_from([0, 2, 3, 5])),
     )
 
 
@@ -164,8 +178,10 @@ def test_fast_paths_equal_reference_and_dense(case: dict) -> None:
         ([40, 300, 7, 129], [1, 120, 7, 1], None),  # mixed decode + prefill
     ],
 )
-@pytest.mark.parametrize("contiguous", [True, False])
-def test_fast_paths_long(ctx: list[int], qlens: list[int], window: int | None, contiguous: bool):
+@pytest.mark.parametrize(("contiguous", "runs"), [(True, 0), (False, 3), (False, 0)])
+def test_fast_paths_long(
+    ctx: list[int], qlens: list[int], window: int | None, contiguous: bool, runs: int
+) -> None:
     _run_case(
         ctx=ctx,
         qlens=qlens,
@@ -175,6 +191,7 @@ def test_fast_paths_long(ctx: list[int], qlens: list[int], window: int | None, c
         window=window,
         contiguous=contiguous,
         seed=sum(ctx) + sum(qlens),
+        runs=runs,
     )
 
 

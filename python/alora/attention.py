@@ -93,9 +93,11 @@ class ChunkSeq:
     q0: int
     q1: int
     cached: int  # tokens of context already in the cache before this chunk
-    # The cached part's blocks, int64 [ceil(cached / block_size)] (None: see cached_start).
+    # The cached part's blocks, int64 [ceil(cached / block_size)] (None: see cached_runs).
     cached_blocks: torch.Tensor | None
-    cached_start: int  # when the cached slots are one contiguous range: its first slot
+    # When the cached slots are at most MAX_RUNS contiguous ranges: (first slot, length) of
+    # each, read in place; () otherwise (or when nothing is cached).
+    cached_runs: tuple[tuple[int, int], ...] = ()
 
     @property
     def context(self) -> int:
@@ -110,14 +112,18 @@ class AttentionMetadata:
     # Fast path for the prefill group (the last group): one entry per prefill sequence, or
     # None when some sequence does not have the layout ChunkSeq needs.
     chunks: list[ChunkSeq] | None = None
-    # Fast path for a decode group of one sequence: its context's slots as one range
-    # (start, length), read in place; None otherwise.
-    decode_range: tuple[int, int] | None = None
+    # Fast path for a decode group of one sequence: its context's slots as at most MAX_RUNS
+    # contiguous ranges (first slot, length), read in place; None otherwise.
+    decode_runs: tuple[tuple[int, int], ...] | None = None
 
 
 # Turn the fast paths off to run the reference (gathered slots + explicit mask) everywhere;
 # tests compare the two.
 FAST_PATHS = True
+# A context in at most this many runs of consecutive blocks is attended run by run in place
+# (merged by log-sum-exp) instead of gathered: a conversation's blocks come in a few runs,
+# one per turn that allocated after an intrinsic call freed its blocks.
+MAX_RUNS = 16
 
 
 def build_attention_metadata(
@@ -173,18 +179,27 @@ def build_attention_metadata(
         decode = np.flatnonzero(q_lens == 1)
         if decode.size == 1:
             i = int(decode[0])
-            meta.decode_range = _slot_range(block_tables[i], int(context_lens[i]), block_size)
+            meta.decode_runs = _slot_runs(block_tables[i], int(context_lens[i]), block_size)
     return meta
 
 
-def _slot_range(table: np.ndarray, length: int, block_size: int) -> tuple[int, int] | None:
-    """(first slot, length) when the first `length` slots of a block table are one
-    contiguous range of cache slots (consecutive blocks), else None."""
+def _slot_runs(
+    table: np.ndarray, length: int, block_size: int
+) -> tuple[tuple[int, int], ...] | None:
+    """The first `length` slots of a block table as (first slot, length) ranges of
+    consecutive blocks, in order; None when there are more than MAX_RUNS of them."""
     nb = (length + block_size - 1) // block_size
     blocks = table[:nb].astype(np.int64)
-    if nb == 0 or int(blocks[0]) < 0 or not bool((np.diff(blocks) == 1).all()):
+    if nb == 0 or bool((blocks < 0).any()):
         return None
-    return int(blocks[0]) * block_size, length
+    breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
+    if breaks.size >= MAX_RUNS:
+        return None
+    runs = []
+    for b0, b1 in zip([0, *breaks.tolist()], [*breaks.tolist(), nb], strict=True):
+        start = int(blocks[b0]) * block_size
+        runs.append((start, min(length - b0 * block_size, (b1 - b0) * block_size)))
+    return tuple(runs)
 
 
 def _chunk_seqs(
@@ -203,15 +218,15 @@ def _chunk_seqs(
         # The chunk must be the context's tail, in order (what the engine schedules).
         if not np.array_equal(positions[q0:q1], np.arange(cached, cached + q1 - q0)):
             return None
-        blocks, start = None, 0
+        blocks, runs = None, ()
         if cached:
-            rng = _slot_range(block_tables[i], cached, block_size)
-            if rng is None:
+            found = _slot_runs(block_tables[i], cached, block_size)
+            if found is None:
                 nb = -(-cached // block_size)
                 blocks = torch.from_numpy(block_tables[i][:nb].astype(np.int64)).to(device)
             else:
-                start = rng[0]
-        out.append(ChunkSeq(q0, q1, cached, blocks, start))
+                runs = found
+        out.append(ChunkSeq(q0, q1, cached, blocks, runs))
     return out
 
 
@@ -295,10 +310,11 @@ def paged_attention(
                     query, key, value, k_cache, v_cache, c, scaling, cache.block_size
                 )
             continue
-        if not prefill and gi == 0 and meta.decode_range is not None:
-            start, length = meta.decode_range
+        runs = meta.decode_runs if not prefill and gi == 0 else None
+        if runs is not None and (len(runs) == 1 or query.device.type == "cpu"):
+            length = sum(n for _, n in runs)
             if not sliding_window or length <= int(sliding_window):
-                _decode_in_place(out, query, k_cache, v_cache, g, start, length, scaling)
+                _decode_in_place(out, query, k_cache, v_cache, g, runs, scaling)
                 continue
         q = query[g.q_index].transpose(1, 2)  # [S, H, Q, d]
         k = g.gather(k_cache, cache.block_size).transpose(1, 2)  # [S, KVH, L, d]
@@ -360,20 +376,43 @@ def _chunk_attention(
     if c.cached == 0:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
         return o[0].transpose(0, 1)
+    o_own, lse_own = _flash_lse(q, k, v, True, scaling)
     if c.cached_blocks is None:
-        kc = k_cache[c.cached_start : c.cached_start + c.cached]
-        vc = v_cache[c.cached_start : c.cached_start + c.cached]
+        o_ctx, lse_ctx = _attend_runs(q, k_cache, v_cache, c.cached_runs, scaling)
     else:
         # Whole blocks (memcpy runs), then the cached prefix of them.
         kc = _gather_blocks(k_cache, c.cached_blocks, block_size)[: c.cached]
         vc = _gather_blocks(v_cache, c.cached_blocks, block_size)[: c.cached]
-    kc = kc.to(q.dtype).transpose(0, 1)[None]
-    vc = vc.to(q.dtype).transpose(0, 1)[None]
-    o_own, lse_own = _flash_lse(q, k, v, True, scaling)
-    o_ctx, lse_ctx = _flash_lse(q, kc, vc, False, scaling)
+        kc = kc.to(q.dtype).transpose(0, 1)[None]
+        vc = vc.to(q.dtype).transpose(0, 1)[None]
+        o_ctx, lse_ctx = _flash_lse(q, kc, vc, False, scaling)
     # softmax over both parts = each part's softmax weighted by its share of exp(lse)
     w_ctx = torch.sigmoid(lse_ctx - lse_own)[..., None].to(q.dtype)
     return torch.lerp(o_own, o_ctx, w_ctx)[0].transpose(0, 1)
+
+
+def _attend_runs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    runs: tuple[tuple[int, int], ...],
+    scaling: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of q [1, H, Q, d] attending, unmasked, the slots of `runs` read in place:
+    one flash call per run, merged by log-sum-exp (each run's softmax weighted by its share
+    of the total exp(lse))."""
+    parts = []
+    for start, length in runs:
+        k = k_cache[start : start + length].transpose(0, 1)[None].to(q.dtype)
+        v = v_cache[start : start + length].transpose(0, 1)[None].to(q.dtype)
+        parts.append(_flash_lse(q, k, v, False, scaling))
+    if len(parts) == 1:
+        return parts[0]
+    lse = torch.stack([p[1] for p in parts])  # [R, 1, H, Q]
+    total = torch.logsumexp(lse, dim=0)
+    weights = torch.exp(lse - total)[..., None].to(q.dtype)  # [R, 1, H, Q, 1]
+    out = (torch.stack([p[0] for p in parts]) * weights).sum(0)
+    return out, total
 
 
 def _decode_in_place(
@@ -382,17 +421,22 @@ def _decode_in_place(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     g: SeqGroup,
-    start: int,
-    length: int,
+    runs: tuple[tuple[int, int], ...],
     scaling: float | None,
 ) -> None:
-    """One decode query over a context stored in one contiguous range of slots: attends the
-    cache in place (a view, no gather, no mask)."""
+    """One decode query over a context stored in a few contiguous ranges of slots: attends
+    the cache in place (views, no gather, no mask); several ranges are merged by
+    log-sum-exp (CPU: the flash kernel that returns it)."""
     t = g.out_index  # [1]
     q = query.index_select(0, t).transpose(0, 1)[None]  # [1, H, 1, d]
-    k = k_cache[start : start + length].transpose(0, 1)[None].to(q.dtype)
-    v = v_cache[start : start + length].transpose(0, 1)[None].to(q.dtype)
-    o = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    if len(runs) == 1:
+        start, length = runs[0]
+        k = k_cache[start : start + length].transpose(0, 1)[None].to(q.dtype)
+        v = v_cache[start : start + length].transpose(0, 1)[None].to(q.dtype)
+        gqa = q.shape[1] != k.shape[1]
+        o = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=gqa)
+    else:
+        o, _ = _attend_runs(q, k_cache, v_cache, runs, scaling)
     out.index_copy_(0, t, o[0].transpose(0, 1))
 
 
