@@ -13,7 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alora.attention import build_attention_metadata, paged_attention
+import alora.attention as att
+from alora.attention import _slot_runs, build_attention_metadata, paged_attention
 from alora.kv_cache import PagedKVCache
 from alora.plan import AttentionPlan
 
@@ -50,13 +51,28 @@ def _run_case(
     runs: int = 0,
 ) -> None:
     """`contiguous`: blocks in table order; else `runs` > 0 cuts the block ids into that
-    many runs of consecutive ids, shuffled (a conversation's layout); else every block apart."""
+    many runs of consecutive ids, shuffled (a conversation's layout), and `runs` = -1 takes
+    them in descending order (units reused last-freed-first); else every block apart. Ranges
+    of any length are read in place here (RUN_TOKENS = 1), so the merges run."""
+    saved = att.RUN_TOKENS
+    att.RUN_TOKENS = 1
+    try:
+        _run_layout(ctx, qlens, block_size, kvh, heads, window, contiguous, seed, d, runs)
+    finally:
+        att.RUN_TOKENS = saved
+
+
+def _run_layout(  # type: ignore[no-untyped-def]
+    ctx, qlens, block_size, kvh, heads, window, contiguous, seed, d, runs
+) -> None:
     g = torch.Generator().manual_seed(seed)
     bs = block_size
     nblocks = [math.ceil(c / bs) for c in ctx]
     num_blocks = sum(nblocks) + 2
     if contiguous:
         order = list(range(num_blocks))
+    elif runs == -1:
+        order = list(reversed(range(num_blocks)))
     elif runs:
         cuts = sorted(torch.randperm(num_blocks - 1, generator=g)[: runs - 1].add(1).tolist())
         pieces = [list(range(a, b)) for a, b in zip([0, *cuts], [*cuts, num_blocks], strict=True)]
@@ -120,7 +136,10 @@ def _run_case(
             if contiguous and sum(q == 1 for q in qlens) == 1:
                 assert meta.decode_runs is not None and len(meta.decode_runs) == 1
             if runs and len(ctx) == 1 and qlens == [1]:
-                assert meta.decode_runs is not None and 1 <= len(meta.decode_runs) <= runs
+                assert meta.decode_runs is not None
+                # Descending: the full blocks are one range, a partial last block (the lowest
+                # id, its unused slots before the next block) a second.
+                assert len(meta.decode_runs) <= (2 if runs == -1 else runs)
             assert all(g.kv_blocks is not None for g in meta.groups)
         else:
             assert meta.chunks is None and meta.decode_runs is None
@@ -156,7 +175,7 @@ def _cases(draw: st.DrawFn) -> dict:
         window=draw(st.sampled_from([None, 5, 64, 200])),
         contiguous=draw(st.booleans()),
         seed=draw(st.integers(0, 10_000)),
-        runs=draw(st.sampled_from([0, 2, 3, 5])),
+        runs=draw(st.sampled_from([0, -1, 2, 3, 5])),
     )
 
 
@@ -178,7 +197,7 @@ def test_fast_paths_equal_reference_and_dense(case: dict) -> None:
         ([40, 300, 7, 129], [1, 120, 7, 1], None),  # mixed decode + prefill
     ],
 )
-@pytest.mark.parametrize(("contiguous", "runs"), [(True, 0), (False, 3), (False, 0)])
+@pytest.mark.parametrize(("contiguous", "runs"), [(True, 0), (False, 3), (False, -1), (False, 0)])
 def test_fast_paths_long(
     ctx: list[int], qlens: list[int], window: int | None, contiguous: bool, runs: int
 ) -> None:
@@ -226,3 +245,26 @@ def test_half_precision_cache_rounds_like_reference() -> None:
         meta = build_attention_metadata(plan, block_size=bs, device="cpu", fast_paths=fast)
         outs.append(paged_attention(q, k[cached:], v[cached:], cache, 0, meta, scaling=0.25))
     torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_slot_runs_cover_the_context_as_a_set() -> None:
+    bs = 4
+    # Descending ids (units reused last-freed-first): full blocks 7..11 are one range.
+    table = np.asarray([11, 10, 9, 8, 7], dtype=np.int32)
+    assert _slot_runs(table, 20, bs) == ((28, 20),)
+    # A partial last block (id 7, 2 of 4 slots) is a range of its own: its unused slots lie
+    # between it and block 8. Two ranges pay off only when they average RUN_TOKENS tokens.
+    assert _slot_runs(table, 18, bs) is None
+    ascending = np.asarray([3, 4, 5, 6], dtype=np.int32)
+    assert _slot_runs(ascending, 15, bs) == ((12, 15),)  # the partial block joins its run
+    saved = att.RUN_TOKENS
+    att.RUN_TOKENS = 8
+    try:
+        assert _slot_runs(table, 18, bs) == ((32, 16), (28, 2))
+        assert _slot_runs(np.asarray([0, 1, 5, 6], dtype=np.int32), 16, bs) == ((0, 8), (20, 8))
+        assert (
+            _slot_runs(np.asarray([0, 5, 1, 6], dtype=np.int32), 15, bs) is None
+        )  # 2 ranges > 15 // 8
+    finally:
+        att.RUN_TOKENS = saved
+    assert _slot_runs(np.asarray([2, -1], dtype=np.int32), 5, bs) is None
