@@ -375,7 +375,12 @@ impl BlockPool {
         match self.adapters.remove(id)? {
             None => Ok(false),
             Some(units) => {
-                for u in units {
+                // Pushed highest first, so the empty list hands them out in ascending order:
+                // KV allocated from them gets consecutive block ids in table order, which
+                // attention reads as one range in place.
+                let mut units = units;
+                units.sort_unstable();
+                for u in units.into_iter().rev() {
                     self.blocks[u as usize].adapter = false;
                     self.push(u, Where::Empty, false);
                 }
@@ -526,7 +531,9 @@ impl BlockPool {
 
     /// Forget all cached content (blocks in use keep their data, they just stop being findable).
     pub fn clear_cache(&mut self) {
-        for id in 0..self.blocks.len() as u32 {
+        // Highest id first: cached blocks move to the front of the empty list, which then
+        // hands them out in ascending order (see `evict_adapter`).
+        for id in (0..self.blocks.len() as u32).rev() {
             self.drop_content(id);
         }
     }
@@ -724,6 +731,40 @@ impl BlockPool {
 mod tests {
     use super::*;
     use crate::kv::hash::ROOT_HASH;
+
+    /// Units returned to the empty list in bulk (a cache reset, an adapter eviction) come
+    /// back in ascending order, so a sequence allocated from them gets consecutive ids in
+    /// table order (one range for attention to read in place).
+    #[test]
+    fn bulk_returns_are_handed_out_ascending() {
+        let mut p = BlockPool::new(8);
+        let ids: Vec<_> = (0..6).map(|_| p.alloc().unwrap()).collect();
+        for (i, &id) in ids.iter().enumerate() {
+            p.register_full(id, ROOT_HASH, None, &[i as u32]);
+        }
+        for &id in ids.iter().rev() {
+            p.release(id);
+        }
+        p.clear_cache();
+        let again: Vec<_> = (0..6).map(|_| p.alloc().unwrap()).collect();
+        assert_eq!(again, ids);
+        for id in again {
+            p.release(id);
+        }
+        p.ensure_adapter(7, 4).unwrap();
+        let held: Vec<_> = p.free_order();
+        p.evict_adapter(7).unwrap();
+        let order = p.free_order();
+        let back: Vec<_> = order
+            .iter()
+            .copied()
+            .filter(|u| !held.contains(u))
+            .collect();
+        let mut sorted = back.clone();
+        sorted.sort_unstable();
+        assert_eq!(back, sorted, "evicted units return lowest first: {order:?}");
+        p.check_consistency().unwrap();
+    }
 
     #[test]
     fn empty_blocks_are_reused_before_cached_ones() {
