@@ -307,8 +307,11 @@ def test_rss_bytes() -> None:
     if not Path("/proc/self/statm").exists():
         pytest.skip("no /proc")
     before = bm.rss_bytes()
-    block = np.ones(16 << 20, dtype=np.uint8)  # 16 MiB, touched
-    assert bm.rss_bytes() - before > 8 << 20
+    # 64 MiB, touched: above glibc's largest dynamic mmap threshold (32 MiB), so it is fresh
+    # memory even after earlier tests freed big arrays (16 MiB could come from freed heap
+    # pages already resident, and RSS would not move).
+    block = np.ones(64 << 20, dtype=np.uint8)
+    assert bm.rss_bytes() - before > 32 << 20
     del block
 
 

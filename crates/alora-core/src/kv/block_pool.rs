@@ -322,9 +322,18 @@ impl BlockPool {
         // A run of consecutive units when the empty ones hold one: then the adapter's rows
         // can lie as whole matrices (see `UnitGeometry::rows`), which the LoRA op reads as
         // strided views instead of gathering them.
+        // From the top of the id space: KV takes empty units from the bottom (a fresh pool
+        // hands out 0, 1, 2, ...), so adapters and KV meet only under pressure, and a
+        // sequence's blocks stay consecutive (one range for attention to read in place).
         let taken = match self.empty_run(units) {
             Some(first) => (first..first + units as u32).collect(),
-            None => self.walk(self.empty)[..units].to_vec(),
+            None => {
+                let mut ids = self.walk(self.empty);
+                ids.sort_unstable_by(|a, b| b.cmp(a));
+                ids.truncate(units);
+                ids.sort_unstable();
+                ids
+            }
         };
         for &b in &taken {
             self.unlink(b);
@@ -338,17 +347,17 @@ impl BlockPool {
         })
     }
 
-    /// The first unit of the lowest run of `n` consecutive empty units, if any.
+    /// The first unit of the highest run of `n` consecutive empty units, if any.
     fn empty_run(&self, n: usize) -> Option<BlockId> {
         let mut ids = self.walk(self.empty);
-        ids.sort_unstable();
+        ids.sort_unstable_by(|a, b| b.cmp(a));
         let mut start = 0;
         for i in 0..ids.len() {
-            if i > 0 && ids[i] != ids[i - 1] + 1 {
+            if i > 0 && ids[i] + 1 != ids[i - 1] {
                 start = i;
             }
             if i + 1 - start == n {
-                return Some(ids[start]);
+                return Some(ids[i]);
             }
         }
         None
@@ -375,14 +384,14 @@ impl BlockPool {
         match self.adapters.remove(id)? {
             None => Ok(false),
             Some(units) => {
-                // Pushed highest first, so the empty list hands them out in ascending order:
-                // KV allocated from them gets consecutive block ids in table order, which
-                // attention reads as one range in place.
+                // To the back of the empty list, lowest first: KV keeps taking the low units
+                // it was taking (adapters live at the top, see `ensure_adapter`), and reaches
+                // these in ascending order, so a sequence's blocks stay consecutive.
                 let mut units = units;
                 units.sort_unstable();
-                for u in units.into_iter().rev() {
+                for u in units {
                     self.blocks[u as usize].adapter = false;
-                    self.push(u, Where::Empty, false);
+                    self.push(u, Where::Empty, true);
                 }
                 Ok(true)
             }
@@ -733,8 +742,8 @@ mod tests {
     use crate::kv::hash::ROOT_HASH;
 
     /// Units returned to the empty list in bulk (a cache reset, an adapter eviction) come
-    /// back in ascending order, so a sequence allocated from them gets consecutive ids in
-    /// table order (one range for attention to read in place).
+    /// back in ascending order, and adapters live at the top of the id space, so a sequence's
+    /// blocks get consecutive ids in table order (one range for attention to read in place).
     #[test]
     fn bulk_returns_are_handed_out_ascending() {
         let mut p = BlockPool::new(8);
@@ -748,11 +757,16 @@ mod tests {
         p.clear_cache();
         let again: Vec<_> = (0..6).map(|_| p.alloc().unwrap()).collect();
         assert_eq!(again, ids);
-        for id in again {
-            p.release(id);
+        for &id in again.iter().rev() {
+            p.release(id); // as `KvManager::release` does: the table's tail first
         }
-        p.ensure_adapter(7, 4).unwrap();
+        // Adapters take the top of the id space; KV keeps the bottom.
+        match p.ensure_adapter(7, 4).unwrap() {
+            Residency::Loaded { units, .. } => assert_eq!(units, vec![4, 5, 6, 7]),
+            other => panic!("{other:?}"),
+        }
         let held: Vec<_> = p.free_order();
+        assert_eq!(held[0], 0, "KV still starts at the bottom: {held:?}");
         p.evict_adapter(7).unwrap();
         let order = p.free_order();
         let back: Vec<_> = order
