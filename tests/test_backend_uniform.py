@@ -97,10 +97,33 @@ def test_layouts_that_are_not_uniform() -> None:
     mixed_ranks = make_batch([[0], [1]], [2, 3], [[0, 1], [2, 3, 4]], [1.0, 1.0])
     steps = make_batch([[0], [1]], [2, 2], [[0, 1], [3, 5]], [1.0, 1.0])
     uneven = make_batch([[0], [1], [2]], [2, 2, 2], [[0, 1], [3, 4], [9, 10]], [1.0] * 3)
-    swapped = make_batch([[0], [1]], [2, 2], [[2, 3], [0, 1]], [1.0, 1.0])
     inner = make_batch([[0], [1]], [2, 2], [[1, 0], [2, 3]], [1.0, 1.0])
-    for batch in (two_tokens, mixed_ranks, steps, uneven, swapped, inner):
+    same = make_batch([[0], [1]], [2, 2], [[0, 1], [0, 1]], [1.0, 1.0])  # stride 0
+    for batch in (two_tokens, mixed_ranks, steps, uneven, inner, same):
         assert batch.uniform is None
+
+
+def test_segments_stepping_downwards_are_uniform() -> None:
+    """Adapters paged in one after another take runs from the top of the unit space, so a
+    batch in load order steps downwards: read as the reversed segments, same result."""
+    gen = torch.Generator().manual_seed(1)
+    n, rank, d_in, d_out = 4, 3, 6, 5
+    rows = [[30 - a * 8 + j for j in range(rank)] for a in range(n)]
+    scales = [0.5, 1.0, 2.0, 3.0]
+    tokens = [[1], [0], [3], [2]]
+    batch = make_batch(tokens, [rank] * n, rows, scales)
+    assert batch.uniform == (30, rank, False, 1, -8)
+    swapped = make_batch([[0], [1]], [2, 2], [[2, 3], [0, 1]], [1.0, 1.0])
+    assert swapped.uniform == (2, 2, True, 1, -2)
+    x = torch.randn(n + 1, d_in, generator=gen)
+    y = torch.randn(n + 1, d_out, generator=gen)
+    a_pool = torch.randn(40, d_in, generator=gen)
+    bt_pool = torch.randn(40, d_out, generator=gen)
+    ref = oracle(y, x, a_pool, bt_pool, tokens, rows, scales)
+    got = y.clone()
+    TorchBackend().add_lora(got, x, a_pool, bt_pool, batch)
+    assert (got.double() - ref).norm() / ref.norm() < 1e-5
+    assert torch.equal(got[n], y[n]), "inactive token modified"
 
 
 def test_segments_apart_are_uniform_with_a_stride() -> None:
