@@ -412,6 +412,16 @@ def _chunk_attention(
     return torch.lerp(o_own, o_ctx, w_ctx)[0].transpose(0, 1)
 
 
+def _range_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, run: tuple[int, int], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1, KVH, length, d] views of the cache's slots [start, start + length), in `dtype`."""
+    start, length = run
+    k = k_cache[start : start + length].transpose(0, 1)[None].to(dtype)
+    v = v_cache[start : start + length].transpose(0, 1)[None].to(dtype)
+    return k, v
+
+
 def _attend_runs(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -422,11 +432,7 @@ def _attend_runs(
     """(out, lse) of q [1, H, Q, d] attending, unmasked, the slots of `runs` read in place:
     one flash call per run, merged by log-sum-exp (each run's softmax weighted by its share
     of the total exp(lse))."""
-    parts = []
-    for start, length in runs:
-        k = k_cache[start : start + length].transpose(0, 1)[None].to(q.dtype)
-        v = v_cache[start : start + length].transpose(0, 1)[None].to(q.dtype)
-        parts.append(_flash_lse(q, k, v, False, scaling))
+    parts = [_flash_lse(q, *_range_kv(k_cache, v_cache, r, q.dtype), False, scaling) for r in runs]
     if len(parts) == 1:
         return parts[0]
     lse = torch.stack([p[1] for p in parts])  # [R, 1, H, Q]
@@ -450,10 +456,8 @@ def _decode_in_place(
     log-sum-exp (CPU: the flash kernel that returns it)."""
     t = g.out_index  # [1]
     q = query.index_select(0, t).transpose(0, 1)[None]  # [1, H, 1, d]
-    if len(runs) == 1:
-        start, length = runs[0]
-        k = k_cache[start : start + length].transpose(0, 1)[None].to(q.dtype)
-        v = v_cache[start : start + length].transpose(0, 1)[None].to(q.dtype)
+    if len(runs) == 1:  # SDPA, which any device has
+        k, v = _range_kv(k_cache, v_cache, runs[0], q.dtype)
         gqa = q.shape[1] != k.shape[1]
         o = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=gqa)
     else:

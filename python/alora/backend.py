@@ -93,7 +93,8 @@ class LoraBatch:
 
     @cached_property
     def scratch(self) -> dict[object, object]:
-        """Per-batch memo for backends (the batch lives one step)."""
+        """Per-batch memo (the batch lives one step): `dense_rows` by token count, and
+        whatever a backend derives once for every layer (the CPU backend's arena views)."""
         return {}
 
     @cached_property
@@ -159,15 +160,11 @@ class LoraBatch:
                 out.append((ts[0], ts[0] + t1 - t0, rs[0], rs[1], r1 - r0))
         return tuple(out)
 
-    @cached_property
-    def _dense_rows(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        return {}
-
     def dense_rows(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`token_rows` laid out over all `num_tokens` tokens of the step in token order;
         inactive tokens get `pad_row` with scale 0, so they receive an exact zero delta."""
-        cache = self._dense_rows
-        if num_tokens not in cache:
+        key = ("dense_rows", num_tokens)
+        if key not in self.scratch:
             rows, scale = self.token_rows
             dense = torch.full(
                 (num_tokens, self.max_rank), self.pad_row, dtype=torch.int64, device=rows.device
@@ -175,8 +172,8 @@ class LoraBatch:
             dense_scale = torch.zeros((num_tokens, self.max_rank), device=rows.device)
             dense[self.token_idx] = rows
             dense_scale[self.token_idx] = scale
-            cache[num_tokens] = (dense, dense_scale)
-        return cache[num_tokens]
+            self.scratch[key] = (dense, dense_scale)
+        return self.scratch[key]  # type: ignore[return-value]
 
     @cached_property
     def uniform(self) -> tuple[int, int, bool, int, int] | None:
