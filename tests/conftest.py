@@ -33,6 +33,16 @@ def adapter_dir_factory(
 
 INV1 = [3, 4, 5]  # invocation of "alora_all"
 INV2 = [6, 7]  # invocation of "alora_qv"
+# A mixed batch over the `arch_setup` adapters: aLoRA on all modules, LoRA on the MLP, aLoRA
+# on q/v only, the base model, and a rank/alpha pattern.
+MIXED_PROMPTS = [
+    [20, 21, 22, *INV1, 23, 24],
+    [40, 41, 42, 43, 44, 45, 46],
+    [30, *INV2, 31, 32],
+    [50, 51, 52, 53],
+    [60, 61, *INV1],
+]
+MIXED_ADAPTERS = ["alora_all", "lora_mlp", "alora_qv", None, "lora_pattern"]
 PROMPT_LOW = 10  # random prompt tokens lie in [PROMPT_LOW, vocab): no accidental invocation
 
 
@@ -118,6 +128,18 @@ class ArchSetup:
 
 
 _SETUPS: dict[str, ArchSetup] = {}
+
+
+@pytest.fixture(scope="session")
+def emu_executor() -> object:
+    """The CPU emulator of the CUDA kernels (`alora.kernels.emulate.EmuExecutor`), built once
+    per session. It needs a host C++20 compiler; the test environment (`.ci/run`, the dev
+    setup) has g++, so the skip only applies to machines set up without one."""
+    from alora.kernels import emulate
+
+    if emulate.compiler() is None:
+        pytest.skip("no host C++ compiler for the kernel emulator")
+    return emulate.EmuExecutor()
 
 
 @pytest.fixture(scope="session")

@@ -58,6 +58,18 @@ def problems(draw: st.DrawFn) -> tuple:
     return num_tokens, d_in, d_out, pool_rows, ranks, rows, seg_tokens, scales, seed
 
 
+def tensors(problem: tuple) -> tuple[torch.Tensor, ...]:
+    """(x, y, a_pool, bt_pool) of a drawn problem, from its seed."""
+    num_tokens, d_in, d_out, pool_rows, *_rest, seed = problem
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(num_tokens, d_in, generator=g),
+        torch.randn(num_tokens, d_out, generator=g),
+        torch.randn(pool_rows, d_in, generator=g),
+        torch.randn(pool_rows, d_out, generator=g),
+    )
+
+
 def arena(
     a_pool: torch.Tensor, bt_pool: torch.Tensor, granularity: int, slots: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
@@ -120,12 +132,8 @@ def check_against_oracle(got, y, ref, seg_tokens, num_tokens) -> None:  # type: 
 @settings(max_examples=60, deadline=None)
 @given(problems(), st.sampled_from(["loop", "gather", "dense", "views"]))
 def test_backend_matches_float64_oracle(problem: tuple, form: str) -> None:
-    num_tokens, d_in, d_out, pool_rows, ranks, rows, seg_tokens, scales, seed = problem
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_tokens, d_in, generator=g)
-    y = torch.randn(num_tokens, d_out, generator=g)
-    a_pool = torch.randn(pool_rows, d_in, generator=g)
-    bt_pool = torch.randn(pool_rows, d_out, generator=g)
+    num_tokens, _, _, _, ranks, rows, seg_tokens, scales, _ = problem
+    x, y, a_pool, bt_pool = tensors(problem)
     ranks, rows, seg_tokens, scales = arrange(form, num_tokens, ranks, rows, seg_tokens, scales)
     batch = make_batch(seg_tokens, ranks, rows, scales)
     backend = TorchBackend(gather_limit=0 if form in ("loop", "views") else 1 << 30)
@@ -146,12 +154,8 @@ def test_backend_on_strided_views(problem: tuple, form: str, g: int, rnd: object
     """The runtime's pools: overlapping strided views (row stride g, possibly smaller than a
     row), rows scattered (or an arithmetic progression with the module's row step, for the
     per-segment view form), NaN outside the rows. No form may copy a whole view."""
-    num_tokens, d_in, d_out, pool_rows, ranks, rows, seg_tokens, scales, seed = problem
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_tokens, d_in, generator=gen)
-    y = torch.randn(num_tokens, d_out, generator=gen)
-    a_pool = torch.randn(pool_rows, d_in, generator=gen)
-    bt_pool = torch.randn(pool_rows, d_out, generator=gen)
+    num_tokens, _, _, pool_rows, ranks, rows, seg_tokens, scales, _ = problem
+    x, y, a_pool, bt_pool = tensors(problem)
     ranks, rows, seg_tokens, scales = arrange(form, num_tokens, ranks, rows, seg_tokens, scales)
     if form == "views":
         slots = [p + 3 for p in range(pool_rows)]  # consecutive slots: rows step evenly

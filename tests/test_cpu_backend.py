@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_backend import arena, check_against_oracle, make_batch, oracle, problems
+from test_backend import arena, check_against_oracle, make_batch, oracle, problems, tensors
 
 from alora import _core
 from alora.backend import LoraBatch, TorchBackend
@@ -29,17 +29,6 @@ class Counting(TorchBackend):
     def add_lora(self, *args: object) -> None:  # type: ignore[override]
         self.calls += 1
         super().add_lora(*args)  # type: ignore[arg-type]
-
-
-def tensors(problem: tuple) -> tuple[torch.Tensor, ...]:
-    num_tokens, d_in, d_out, pool_rows, *_rest, seed = problem
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(num_tokens, d_in, generator=g),
-        torch.randn(num_tokens, d_out, generator=g),
-        torch.randn(pool_rows, d_in, generator=g),
-        torch.randn(pool_rows, d_out, generator=g),
-    )
 
 
 @settings(max_examples=80, deadline=None)

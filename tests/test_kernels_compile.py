@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -224,14 +225,10 @@ def test_mismatched_inputs_are_rejected() -> None:
 
 # ---------------------------------------------------------------------------- emulated kernels
 
-emulate = pytest.importorskip("alora.kernels.emulate")
-
 
 @pytest.fixture(scope="module")
-def emu() -> kl.CudaBackend:
-    if emulate.compiler() is None:
-        pytest.skip("no host C++ compiler for the kernel emulator")
-    return kl.CudaBackend("cpu", executor=emulate.EmuExecutor(), num_sms=16)
+def emu(emu_executor: Any) -> kl.CudaBackend:
+    return kl.CudaBackend("cpu", executor=emu_executor, num_sms=16)
 
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -166,19 +166,12 @@ def test_default_backend_is_cuda_on_a_gpu() -> None:
 
 
 def test_runtime_end_to_end_cuda_matches_cpu(arch_setup: Callable[..., object]) -> None:
-    from conftest import INV1, INV2
+    from conftest import MIXED_ADAPTERS, MIXED_PROMPTS
 
     from alora import AdapterRuntime
 
     setup = arch_setup("llama")
-    prompts = [
-        [20, 21, 22, *INV1, 23, 24],
-        [40, 41, 42, 43, 44, 45, 46],
-        [30, *INV2, 31, 32],
-        [50, 51, 52, 53],
-        [60, 61, *INV1],
-    ]
-    adapters = ["alora_all", "lora_mlp", "alora_qv", None, "lora_pattern"]
+    prompts, adapters = MIXED_PROMPTS, MIXED_ADAPTERS
     kw = dict(max_new_tokens=6, stop_token_ids=(), return_logits=True)
 
     cpu_rt = setup.runtime()  # type: ignore[attr-defined]

@@ -24,16 +24,12 @@ from alora.model import ModuleSpec
 pytest.importorskip("cuda.core", reason="cuda-python is not installed (pip install 'alora[cuda]')")
 from alora.kernels import launch as kl
 
-emulate = pytest.importorskip("alora.kernels.emulate")
-
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
-@pytest.fixture(scope="module")
-def executor() -> Any:
-    if emulate.compiler() is None:
-        pytest.skip("no host C++ compiler for the kernel emulator")
-    return emulate.EmuExecutor()
+@pytest.fixture
+def executor(emu_executor: Any) -> Any:
+    return emu_executor
 
 
 @pytest.fixture
@@ -345,7 +341,7 @@ def test_runtime_with_fused_groups_matches_torch_backend(
     executor: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from conftest import INV1, INV2
+    from conftest import INV1, MIXED_ADAPTERS, MIXED_PROMPTS
 
     setup = arch_setup("llama")
     layers = setup.model.config.num_hidden_layers
@@ -371,14 +367,7 @@ def test_runtime_with_fused_groups_matches_torch_backend(
     # 2. Every kind at once: base, LoRA, aLoRA, an adapter on q/v only (rank 8) and one with
     #    k at rank 2 (rank pattern). k's segments then differ from q's and v's: q and v fuse,
     #    k goes alone (gate/up still fuse).
-    prompts = [
-        [20, 21, 22, *INV1, 23, 24],
-        [40, 41, 42, 43, 44, 45, 46],
-        [30, *INV2, 31, 32],
-        [50, 51, 52, 53],
-        [60, 61, *INV1],
-    ]
-    adapters = ["alora_all", "lora_mlp", "alora_qv", None, "lora_pattern"]
+    prompts, adapters = MIXED_PROMPTS, MIXED_ADAPTERS
     want = _generate(setup.runtime(), prompts, adapters)
     executor.launches.clear()
     steps.clear()
