@@ -321,17 +321,17 @@ impl BlockPool {
         }
         // A run of consecutive units when the empty ones hold one: then the adapter's rows
         // can lie as whole matrices (see `UnitGeometry::rows`), which the LoRA op reads as
-        // strided views instead of gathering them.
-        // From the top of the id space: KV takes empty units from the bottom (a fresh pool
-        // hands out 0, 1, 2, ...), so adapters and KV meet only under pressure, and a
-        // sequence's blocks stay consecutive (one range for attention to read in place).
-        let taken = match self.empty_run(units) {
+        // strided views instead of gathering them. From the top of the id space: KV takes
+        // empty units from the bottom (a fresh pool hands out 0, 1, 2, ...), so adapters and
+        // KV meet only under pressure, and a sequence's blocks stay consecutive (one range
+        // for attention to read in place).
+        let mut ids = self.walk(self.empty);
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        let taken = match highest_run(&ids, units) {
             Some(first) => (first..first + units as u32).collect(),
             None => {
-                let mut ids = self.walk(self.empty);
-                ids.sort_unstable_by(|a, b| b.cmp(a));
                 ids.truncate(units);
-                ids.sort_unstable();
+                ids.reverse();
                 ids
             }
         };
@@ -345,22 +345,6 @@ impl BlockPool {
             units: taken,
             evicted: self.evicted[first_evicted..].to_vec(),
         })
-    }
-
-    /// The first unit of the highest run of `n` consecutive empty units, if any.
-    fn empty_run(&self, n: usize) -> Option<BlockId> {
-        let mut ids = self.walk(self.empty);
-        ids.sort_unstable_by(|a, b| b.cmp(a));
-        let mut start = 0;
-        for i in 0..ids.len() {
-            if i > 0 && ids[i] + 1 != ids[i - 1] {
-                start = i;
-            }
-            if i + 1 - start == n {
-                return Some(ids[i]);
-            }
-        }
-        None
     }
 
     /// An eviction by the LRU: recorded for `take_evicted` (an `evict_adapter` by the caller
@@ -734,6 +718,21 @@ impl BlockPool {
         }
         Ok(())
     }
+}
+
+/// The first unit of the highest run of `n` consecutive units in `desc` (unit ids in
+/// descending order), if any.
+fn highest_run(desc: &[BlockId], n: usize) -> Option<BlockId> {
+    let mut start = 0;
+    for i in 0..desc.len() {
+        if i > 0 && desc[i] + 1 != desc[i - 1] {
+            start = i;
+        }
+        if i + 1 - start == n {
+            return Some(desc[i]);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
