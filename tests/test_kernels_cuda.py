@@ -165,67 +165,22 @@ def test_default_backend_is_cuda_on_a_gpu() -> None:
     assert isinstance(b, CudaBackend) and b.name == "cuda"
 
 
-def test_runtime_end_to_end_cuda_matches_cpu(arch_setup: Callable[..., object]) -> None:
-    from conftest import MIXED_ADAPTERS, MIXED_PROMPTS
-
+def _cpu_and_cuda(
+    setup: object,
+    prompts: list[list[int]],
+    adapters: list[str | None],
+    backend: CudaBackend | None = None,
+) -> tuple[list, list, object]:
+    """(expected, got, cuda model): the same greedy generation with logits on the CPU runtime
+    and on a CUDA copy of the model (`backend`: its LoRA backend, else the default)."""
     from alora import AdapterRuntime
 
-    setup = arch_setup("llama")
-    prompts, adapters = MIXED_PROMPTS, MIXED_ADAPTERS
-    kw = dict(max_new_tokens=6, stop_token_ids=(), return_logits=True)
-
-    cpu_rt = setup.runtime()  # type: ignore[attr-defined]
-    try:
-        expected = cpu_rt.generate(prompts, adapters, **kw)
-    finally:
-        cpu_rt.detach()
-
-    model = copy.deepcopy(setup.model).to("cuda")  # type: ignore[attr-defined]
-    rt = AdapterRuntime(
-        model, block_size=4, kv_cache_blocks=256, adapter_rows=64, max_batch_tokens=64
-    )
-    try:
-        assert isinstance(rt.backend, CudaBackend), "CUDA models get the CUDA backend"
-        for name in setup.adapter_names:  # type: ignore[attr-defined]
-            rt.load_adapter(name, setup.dirs[name])  # type: ignore[attr-defined]
-        got = rt.generate(prompts, adapters, **kw)
-    finally:
-        rt.detach()
-    for e, g in zip(expected, got, strict=True):
-        assert g.token_ids == e.token_ids
-        assert g.lora_tokens == e.lora_tokens
-        torch.testing.assert_close(
-            torch.stack(g.logits).cpu(), torch.stack(e.logits), atol=1e-3, rtol=1e-3
-        )
-
-
-def test_runtime_fuses_qkv_and_gate_up_on_cuda(arch_setup: Callable[..., object]) -> None:
-    # Adapters on q/k/v alike next to an MLP-only LoRA and a base request: every layer's
-    # q/k/v share one shrink launch (nmod 3), gate/up another (nmod 2); results as on the CPU.
-    from conftest import INV1
-
-    from alora import AdapterRuntime
-
-    setup = arch_setup("llama")
-    prompts = [[20, 21, 22, *INV1, 23, 24], [40, 41, 42, 43, 44, 45, 46], [50, 51, 52, 53]]
-    adapters = ["alora_all", "lora_mlp", None]
     kw = dict(max_new_tokens=6, stop_token_ids=(), return_logits=True)
     cpu_rt = setup.runtime()  # type: ignore[attr-defined]
     try:
         expected = cpu_rt.generate(prompts, adapters, **kw)
     finally:
         cpu_rt.detach()
-
-    dev = torch.device("cuda", torch.cuda.current_device())
-    inner = kl._CudaExecutor(dev, sync_check=True)
-    launches: list[kl.Launch] = []
-
-    def record(launch: kl.Launch) -> None:
-        launches.append(launch)
-        inner(launch)
-
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    backend = CudaBackend(dev, executor=record, num_sms=sms)
     model = copy.deepcopy(setup.model).to("cuda")  # type: ignore[attr-defined]
     rt = AdapterRuntime(
         model,
@@ -236,6 +191,7 @@ def test_runtime_fuses_qkv_and_gate_up_on_cuda(arch_setup: Callable[..., object]
         lora_backend=backend,
     )
     try:
+        assert isinstance(rt.backend, CudaBackend), "CUDA models get the CUDA backend"
         for name in setup.adapter_names:  # type: ignore[attr-defined]
             rt.load_adapter(name, setup.dirs[name])  # type: ignore[attr-defined]
         got = rt.generate(prompts, adapters, **kw)
@@ -246,7 +202,37 @@ def test_runtime_fuses_qkv_and_gate_up_on_cuda(arch_setup: Callable[..., object]
         torch.testing.assert_close(
             torch.stack(g.logits).cpu(), torch.stack(e.logits), atol=1e-3, rtol=1e-3
         )
+    return expected, got, model
+
+
+def test_runtime_end_to_end_cuda_matches_cpu(arch_setup: Callable[..., object]) -> None:
+    from conftest import MIXED_ADAPTERS, MIXED_PROMPTS
+
+    expected, got, _ = _cpu_and_cuda(arch_setup("llama"), MIXED_PROMPTS, MIXED_ADAPTERS)
+    for e, g in zip(expected, got, strict=True):
+        assert g.lora_tokens == e.lora_tokens
+
+
+def test_runtime_fuses_qkv_and_gate_up_on_cuda(arch_setup: Callable[..., object]) -> None:
+    # Adapters on q/k/v alike next to an MLP-only LoRA and a base request: every layer's
+    # q/k/v share one shrink launch (nmod 3), gate/up another (nmod 2); results as on the CPU.
+    from conftest import INV1
+
+    prompts = [[20, 21, 22, *INV1, 23, 24], [40, 41, 42, 43, 44, 45, 46], [50, 51, 52, 53]]
+    dev = torch.device("cuda", torch.cuda.current_device())
+    inner = kl._CudaExecutor(dev, sync_check=True)
+    launches: list[kl.Launch] = []
+
+    def record(launch: kl.Launch) -> None:
+        launches.append(launch)
+        inner(launch)
+
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    backend = CudaBackend(dev, executor=record, num_sms=sms)
+    _, _, model = _cpu_and_cuda(
+        arch_setup("llama"), prompts, ["alora_all", "lora_mlp", None], backend
+    )
     nmods = [ln.named()["nmod"] for ln in launches if "_shrink_" in ln.kernel]
-    layers = model.config.num_hidden_layers
+    layers = model.config.num_hidden_layers  # type: ignore[attr-defined]
     assert nmods.count(3) > 0 and nmods.count(3) % layers == 0
     assert nmods.count(2) > 0 and nmods.count(2) % layers == 0
