@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from alora.attention import AttentionStep, attention_step, build_attention_metadata
 from alora.backend import LoraBackend
+from alora.cpu_linear import PackedLinears
 from alora.fetcher import MAX_EVENTS, LoadEvent
 from alora.kv_cache import PagedKVCache
 from alora.lora import (
@@ -44,6 +46,7 @@ class StepExecutor:
         hooks: LoraHooks,
         layer_of: dict[int, int],
         block_size: int,
+        linears: PackedLinears | None = None,
     ) -> None:
         self.owner = owner
         self.model = model
@@ -54,6 +57,7 @@ class StepExecutor:
         self.hooks = hooks
         self.layer_of = layer_of
         self.block_size = block_size
+        self.linears = linears
         self.module_names = [m.name for m in geometry.modules]
         # Host -> device page-in latencies (wall time of the writes; on CUDA the copies are
         # asynchronous, so this is the time to enqueue them).
@@ -100,7 +104,8 @@ class StepExecutor:
         input_ids = torch.from_numpy(np.asarray(work.input_ids, dtype=np.int64)).to(dev)
         positions = torch.from_numpy(np.asarray(work.attention.positions, dtype=np.int64)).to(dev)
         keep = torch.from_numpy(np.asarray(work.sample_indices, dtype=np.int64)).to(dev)
-        with attention_step(attn), lora_step(lora):
+        packed = self.linears.active() if self.linears is not None else nullcontext()
+        with attention_step(attn), lora_step(lora), packed:
             out = self.model(
                 input_ids=input_ids[None],
                 position_ids=positions[None],

@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from alora import _core, sizing
+from alora import _core, cpu_linear, sizing
 from alora.attention import install, uninstall
 from alora.backend import LoraBackend, TorchBackend
 from alora.cpu_backend import CpuBackend
+from alora.cpu_linear import PackedLinears
 from alora.engine_loop import Channel, EngineLoop, Submission
 from alora.executor import StepExecutor
 from alora.fetcher import LoadEvent
@@ -59,6 +60,13 @@ class AdapterRuntime:
 
     The model keeps working for other callers while attached: outside a runtime step the
     attention and the target linears behave exactly as before. `detach()` restores it.
+
+    `prepack_weights` (float32 models on the CPU): inside steps the base model's linears run
+    oneDNN's GEMM on weights reordered once at attach, faster than `F.linear` at every batch
+    shape that matters (see `alora.cpu_linear`), at the cost of a second copy of those
+    weights in host memory (`prepacked_bytes`). None (the default) packs where torch has
+    oneDNN and the copy takes at most half the host memory free at attach. The copy is a
+    snapshot: weights changed after attach need a new runtime, as the KV cache does anyway.
     """
 
     def __init__(
@@ -78,6 +86,7 @@ class AdapterRuntime:
         lora_backend: LoraBackend | None = None,
         enable_prefix_cache: bool = True,
         max_model_len: int | None = None,
+        prepack_weights: bool | None = None,
     ) -> None:
         for name, value in (
             ("block_size", block_size),
@@ -143,10 +152,24 @@ class AdapterRuntime:
         # Attach last, once everything that can fail has succeeded.
         layers = decoder_layers(model)
         layer_of = {id(attention_module(layer)): i for i, layer in enumerate(layers)}
+        if prepack_weights and not cpu_linear.available(model):
+            raise ValueError(
+                "prepack_weights=True needs float32 weights on the CPU and a torch built "
+                "with oneDNN (torch.backends.mkldnn)"
+            )
         self._original_attn = install(model.config)
+        self._linears: PackedLinears | None = None
         try:
             self._hooks = LoraHooks(self, layers, geo)
+            if prepack_weights or (
+                prepack_weights is None
+                and cpu_linear.available(model)
+                and cpu_linear.fits_by_default(model)
+            ):
+                self._linears = PackedLinears(self, model)
         except BaseException:
+            if hasattr(self, "_hooks"):
+                self._hooks.remove()
             uninstall(model.config, self._original_attn)
             raise
         self._executor = StepExecutor(
@@ -159,6 +182,7 @@ class AdapterRuntime:
             hooks=self._hooks,
             layer_of=layer_of,
             block_size=block_size,
+            linears=self._linears,
         )
         decode = None
         if tokenizer is not None:
@@ -546,6 +570,12 @@ class AdapterRuntime:
         return self._cache
 
     @property
+    def prepacked_bytes(self) -> int:
+        """Host bytes of the oneDNN-packed copies of the base linears' weights (CPU float32;
+        0 when not packed, see `prepack_weights`)."""
+        return self._linears.nbytes if self._linears is not None else 0
+
+    @property
     def device_memory_bytes(self) -> int:
         """Device bytes of the memory units (KV blocks and adapter rows share them)."""
         return self._cache.nbytes()
@@ -572,6 +602,10 @@ class AdapterRuntime:
             return
         self._loop.close()
         self._hooks.remove()
+        if self._linears is not None:
+            self._linears.remove()
+            self._linears = None
+            self._executor.linears = None
         uninstall(self.model.config, self._original_attn)
         self._attached = False
         # Release device memory now rather than whenever the runtime is collected.
