@@ -40,7 +40,7 @@ import alora
 from alora.testing import make_peft_adapter
 
 TTFT_TARGET = 1.1  # aLoRA TTFT / limit
-DECODE_TARGET = 0.9  # adapters tok/s / base tok/s
+DECODE_TARGET = 0.93  # adapters tok/s / base tok/s (issue #12; was 0.9)
 INVOCATION = [4, 5, 6, 7, 8, 9]  # below PROMPT_LOW: never occurs by chance in a prompt
 PROMPT_LOW = 10
 TAIL = 3  # tokens after the invocation ("a few tokens")
@@ -314,6 +314,12 @@ def bench_decode(
         k: statistics.median(r["decode_tokens"] / r["cpu_s"] for r in v) for k, v in runs.items()
     }
     ratio = med["adapters"] / med["base"]
+    # Each repeat runs base and adapters back to back: their ratio is less exposed to the
+    # neighbours' load drifting over the minutes of the whole run.
+    paired = [
+        (a["decode_tokens"] / a["cpu_s"]) / (b["decode_tokens"] / b["cpu_s"])
+        for a, b in zip(runs["adapters"], runs["base"], strict=True)
+    ]
     out: dict[str, Any] = {
         "requests": len(prompts),
         "distinct_adapters": len(set(names)),
@@ -329,6 +335,8 @@ def bench_decode(
         "adapters_over_base": ratio,
         "adapters_over_base_max": best["adapters"] / best["base"],
         "adapters_over_base_cpu": med_cpu["adapters"] / med_cpu["base"],
+        "adapters_over_base_cpu_paired": statistics.median(paired),
+        "adapters_over_base_cpu_paired_all": paired,
         "target_adapters_over_base": DECODE_TARGET,
         "met": ratio >= DECODE_TARGET,
         "runs": runs,
@@ -444,7 +452,8 @@ def _print_tables(ttft: dict[str, Any], dec: dict[str, Any]) -> None:
     print(
         f"   adapters/base {dec['adapters_over_base']:.3f}x (target >= {DECODE_TARGET}x: "
         f"{verdict}; best {dec['adapters_over_base_max']:.3f}x, "
-        f"CPU time {dec['adapters_over_base_cpu']:.3f}x)"
+        f"CPU time {dec['adapters_over_base_cpu']:.3f}x, "
+        f"CPU time paired per repeat {dec['adapters_over_base_cpu_paired']:.3f}x)"
     )
 
 

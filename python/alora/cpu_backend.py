@@ -1,15 +1,18 @@
 """The LoRA op on the CPU: the Rust kernel (`alora-cpu`, exposed as `_core.cpu_add_lora`) for
-decode-shaped batches, the torch reference for the rest.
+batches of short segments (decode, aLoRA invocations), the torch reference for the rest.
 
 In a decode step every adapter has one token (a few for short aLoRA invocations), so the op is
 a batched mat-vec whose cost is reading each adapter's A and Bt rows once. Torch's `bmm` over
 16 rank-16 adapters reaches about a third of the read bandwidth (per-matrix setup and op
 dispatch dominate); the kernel streams the rows in place, wherever the pools' rows lie in the
 KV cache's memory, with no gather and one call per module. Segments with many tokens (prefill
-chunks) are matrix products, where torch's GEMMs win, so they go to `TorchBackend`.
+chunks of more than 64 tokens) are matrix products, where torch's GEMMs win, so they go to
+`TorchBackend`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,31 +37,23 @@ def _arena(pool: torch.Tensor, memo: dict[object, object]) -> np.ndarray:
 class CpuBackend:
     """`LoraBackend` for float32 models on the CPU. Batches whose segments hold at most
     `max_seg_tokens` tokens each run on the Rust kernel; others, and other dtypes or
-    layouts, run on `TorchBackend` (the reference). The default 4 is where the kernel's
-    per-token dot products start to lose to torch's matrix products (rank 16, hidden 576,
-    rows in cache: 0.88x torch's time at 4 tokens, 1.10x at 8)."""
+    layouts, run on `TorchBackend` (the reference). The default 64 is where the kernel's
+    per-token dot products start to lose to torch's matrix products (rank 16, one segment,
+    1 thread, `in` 576 or 1536: 0.69-0.91x torch's time from 4 to 32 tokens, 0.92x at 64,
+    1.03x at 96, 1.15-1.22x at 256; with 16 segments of 4-16 tokens 0.17-0.29x). Short aLoRA
+    invocations and decode take the kernel; long prefill chunks take torch's GEMM."""
 
     name = "cpu"
 
-    def __init__(self, max_seg_tokens: int = 4, fallback: TorchBackend | None = None) -> None:
+    def __init__(self, max_seg_tokens: int = 64, fallback: TorchBackend | None = None) -> None:
         self.max_seg_tokens = max_seg_tokens
         self.fallback = fallback or TorchBackend()
 
     def supports(
         self, y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, bt_pool: torch.Tensor
     ) -> bool:
-        return (
-            y.device.type == "cpu"
-            and x.device.type == y.device.type == a_pool.device.type == bt_pool.device.type
-            and x.dtype == y.dtype == a_pool.dtype == bt_pool.dtype == torch.float32
-            and y.is_contiguous()
-            and x.is_contiguous()
-            and a_pool.stride(1) == 1
-            and bt_pool.stride(1) == 1
-            and not y.requires_grad
-            and y.untyped_storage().data_ptr()
-            not in (a_pool.untyped_storage().data_ptr(), bt_pool.untyped_storage().data_ptr())
-        )
+        pools = _pool_args(a_pool, bt_pool, {})
+        return pools is not None and _io_ok(y, x, pools)
 
     def add_lora(
         self,
@@ -70,16 +65,56 @@ class CpuBackend:
     ) -> None:
         if batch.num_active == 0:
             return
-        if batch.max_seg_tokens > self.max_seg_tokens or not self.supports(y, x, a_pool, bt_pool):
+        pools = None
+        if batch.max_seg_tokens <= self.max_seg_tokens:
+            # The pools' half of the checks and their kernel arguments, once per layer and
+            # step (this runs for every target linear of every layer).
+            memo = batch.scratch
+            key = ("pools", a_pool.data_ptr(), a_pool.shape, bt_pool.data_ptr(), bt_pool.shape)
+            if key not in memo:
+                memo[key] = _pool_args(a_pool, bt_pool, memo)
+            pools = memo[key]
+        if pools is None or not _io_ok(y, x, pools):
             self.fallback.add_lora(y, x, a_pool, bt_pool, batch)
             return
-        memo = batch.scratch
         _core.cpu_add_lora(
-            y.view(-1).numpy(),
-            x.detach().view(-1).numpy(),
+            y.view(-1).numpy(), x.detach().view(-1).numpy(), *pools.args, *batch.cpu_segments
+        )
+
+
+class _PoolArgs(NamedTuple):
+    args: tuple[np.ndarray, tuple[int, int, int], np.ndarray, tuple[int, int, int]]
+    storages: tuple[int, int]  # data pointers y must not share
+
+
+def _pool_args(
+    a_pool: torch.Tensor, bt_pool: torch.Tensor, memo: dict[object, object]
+) -> _PoolArgs | None:
+    """The kernel's pool arguments, or None where the pools do not suit it."""
+    if not (
+        a_pool.device.type == bt_pool.device.type == "cpu"
+        and a_pool.dtype == bt_pool.dtype == torch.float32
+        and a_pool.stride(1) == 1
+        and bt_pool.stride(1) == 1
+    ):
+        return None
+    return _PoolArgs(
+        args=(
             _arena(a_pool, memo),
             (a_pool.storage_offset(), a_pool.stride(0), a_pool.shape[1]),
             _arena(bt_pool, memo),
             (bt_pool.storage_offset(), bt_pool.stride(0), bt_pool.shape[1]),
-            *batch.cpu_segments,
-        )
+        ),
+        storages=(a_pool.untyped_storage().data_ptr(), bt_pool.untyped_storage().data_ptr()),
+    )
+
+
+def _io_ok(y: torch.Tensor, x: torch.Tensor, pools: _PoolArgs) -> bool:
+    return (
+        y.device.type == x.device.type == "cpu"
+        and y.dtype == x.dtype == torch.float32
+        and y.is_contiguous()
+        and x.is_contiguous()
+        and not y.requires_grad
+        and y.untyped_storage().data_ptr() not in pools.storages
+    )

@@ -192,3 +192,19 @@ fn row_past_the_arena_is_named() {
     let e = add_lora(&mut y, &x, &arena, pool, &arena, pool, &seg).unwrap_err();
     assert!(e.0.contains("A row 2"), "{e}");
 }
+
+proptest! {
+    /// Grouping rows in the shrink changes no result: bit for bit the single-row `dot`.
+    #[test]
+    fn grouped_dot_is_dot(
+        n in 1usize..200,
+        seed in prop::collection::vec(-1.0f32..1.0, 5 * 200),
+    ) {
+        let rows: [&[f32]; GROUP] = std::array::from_fn(|g| &seed[g * 200..][..n]);
+        let x = &seed[4 * 200..][..n];
+        let got = dot_group(&rows, x);
+        for g in 0..GROUP {
+            prop_assert_eq!(got[g].to_bits(), dot(rows[g], x).to_bits());
+        }
+    }
+}
