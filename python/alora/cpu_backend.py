@@ -12,8 +12,6 @@ chunks of more than 64 tokens) are matrix products, where torch's GEMMs win, so 
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 import torch
 
@@ -52,8 +50,18 @@ class CpuBackend:
     def supports(
         self, y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, bt_pool: torch.Tensor
     ) -> bool:
-        pools = _pool_args(a_pool, bt_pool, {})
-        return pools is not None and _io_ok(y, x, pools)
+        return (
+            y.device.type == "cpu"
+            and x.device.type == y.device.type == a_pool.device.type == bt_pool.device.type
+            and x.dtype == y.dtype == a_pool.dtype == bt_pool.dtype == torch.float32
+            and y.is_contiguous()
+            and x.is_contiguous()
+            and a_pool.stride(1) == 1
+            and bt_pool.stride(1) == 1
+            and not y.requires_grad
+            and y.untyped_storage().data_ptr()
+            not in (a_pool.untyped_storage().data_ptr(), bt_pool.untyped_storage().data_ptr())
+        )
 
     def add_lora(
         self,
@@ -65,56 +73,16 @@ class CpuBackend:
     ) -> None:
         if batch.num_active == 0:
             return
-        pools = None
-        if batch.max_seg_tokens <= self.max_seg_tokens:
-            # The pools' half of the checks and their kernel arguments, once per layer and
-            # step (this runs for every target linear of every layer).
-            memo = batch.scratch
-            key = ("pools", a_pool.data_ptr(), a_pool.shape, bt_pool.data_ptr(), bt_pool.shape)
-            if key not in memo:
-                memo[key] = _pool_args(a_pool, bt_pool, memo)
-            pools = memo[key]
-        if pools is None or not _io_ok(y, x, pools):
+        if batch.max_seg_tokens > self.max_seg_tokens or not self.supports(y, x, a_pool, bt_pool):
             self.fallback.add_lora(y, x, a_pool, bt_pool, batch)
             return
+        memo = batch.scratch
         _core.cpu_add_lora(
-            y.view(-1).numpy(), x.detach().view(-1).numpy(), *pools.args, *batch.cpu_segments
-        )
-
-
-class _PoolArgs(NamedTuple):
-    args: tuple[np.ndarray, tuple[int, int, int], np.ndarray, tuple[int, int, int]]
-    storages: tuple[int, int]  # data pointers y must not share
-
-
-def _pool_args(
-    a_pool: torch.Tensor, bt_pool: torch.Tensor, memo: dict[object, object]
-) -> _PoolArgs | None:
-    """The kernel's pool arguments, or None where the pools do not suit it."""
-    if not (
-        a_pool.device.type == bt_pool.device.type == "cpu"
-        and a_pool.dtype == bt_pool.dtype == torch.float32
-        and a_pool.stride(1) == 1
-        and bt_pool.stride(1) == 1
-    ):
-        return None
-    return _PoolArgs(
-        args=(
+            y.view(-1).numpy(),
+            x.detach().view(-1).numpy(),
             _arena(a_pool, memo),
             (a_pool.storage_offset(), a_pool.stride(0), a_pool.shape[1]),
             _arena(bt_pool, memo),
             (bt_pool.storage_offset(), bt_pool.stride(0), bt_pool.shape[1]),
-        ),
-        storages=(a_pool.untyped_storage().data_ptr(), bt_pool.untyped_storage().data_ptr()),
-    )
-
-
-def _io_ok(y: torch.Tensor, x: torch.Tensor, pools: _PoolArgs) -> bool:
-    return (
-        y.device.type == x.device.type == "cpu"
-        and y.dtype == x.dtype == torch.float32
-        and y.is_contiguous()
-        and x.is_contiguous()
-        and not y.requires_grad
-        and y.untyped_storage().data_ptr() not in pools.storages
-    )
+            *batch.cpu_segments,
+        )
