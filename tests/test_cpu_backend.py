@@ -113,3 +113,35 @@ def test_bad_arguments_are_refused_and_write_nothing() -> None:
     with pytest.raises(ValueError, match="token index 6"):
         _core.cpu_add_lora(got.view(-1).numpy(), *args, bad_tok, scale)
     assert torch.equal(got, y)
+
+
+def test_pool_arguments_are_derived_once_per_view_and_dropped_with_it() -> None:
+    """The backend keys what it derives from a pool on the view's id: an entry lives exactly
+    as long as its views, so fresh views (whose ids CPython reuses at once) never meet a
+    stale entry; each result is checked against the oracle."""
+    backend = CpuBackend(fallback=NoFallback())
+    g = torch.Generator().manual_seed(1)
+    stacks = [(torch.randn(3, 10, 8, generator=g), torch.randn(3, 10, 5, generator=g))]
+    stacks.append((torch.randn(3, 10, 8, generator=g), torch.randn(3, 10, 5, generator=g)))
+    x, y, _, _, seg_tokens, ranks, rows, scales = small_problem()
+    for i in range(12):
+        a_stack, bt_stack = stacks[i % 2]
+        a, bt = a_stack[i % 3], bt_stack[i % 3]  # fresh views every call
+        got = y.clone()
+        backend.add_lora(got, x, a, bt, make_batch(seg_tokens, ranks, rows, scales))
+        check_against_oracle(got, y, oracle(y, x, a, bt, seg_tokens, rows, scales), seg_tokens, 6)
+        del a, bt
+        assert not backend._cache
+    kept = stacks[0][0].unbind(0), stacks[0][1].unbind(0)  # persistent views, as the pools'
+    for layer in range(3):
+        for _ in range(2):
+            backend.add_lora(
+                y.clone(),
+                x,
+                kept[0][layer],
+                kept[1][layer],
+                make_batch(seg_tokens, ranks, rows, scales),
+            )
+    assert len(backend._cache) == 3
+    del kept
+    assert not backend._cache

@@ -116,9 +116,9 @@ class _Harness:
         self.owner = object()
         self.hooks = LoraHooks(self.owner, nn.ModuleList([_Layer(self.attn)]), _geometry(specs))
         self.hooks.activate(QKV)
-        self.pools = SimpleNamespace(
-            a={n: [a] for n, a in zip(QKV, self.inp.a_pools, strict=True)},
-            bt={n: [b] for n, b in zip(QKV, self.inp.bt_pools, strict=True)},
+        self.pools = SimpleNamespace(  # the per-layer views the hooks read
+            a_layers={n: (a,) for n, a in zip(QKV, self.inp.a_pools, strict=True)},
+            bt_layers={n: (b,) for n, b in zip(QKV, self.inp.bt_pools, strict=True)},
         )
         self.batches: dict[str, LoraBatch | None] = dict(zip(QKV, self.inp.batches, strict=True))
 

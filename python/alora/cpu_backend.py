@@ -12,6 +12,9 @@ chunks of more than 64 tokens) are matrix products, where torch's GEMMs win, so 
 
 from __future__ import annotations
 
+import weakref
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -19,17 +22,52 @@ from alora import _core
 from alora.backend import LoraBatch, TorchBackend
 
 
-def _arena(pool: torch.Tensor, memo: dict[object, object]) -> np.ndarray:
+def _arena(pool: torch.Tensor) -> np.ndarray:
     """A 1-D float32 array over the whole storage of `pool` (the kernel addresses rows from
-    element 0 of it, so the pool's storage offset and row stride pass as they are); `memo`
-    (the batch's, one step long) keeps it across the layers that share the storage."""
-    storage = pool.untyped_storage()
-    key = ("arena", storage.data_ptr(), storage.nbytes())
-    arr = memo.get(key)
-    if arr is None:
-        n = storage.nbytes() // pool.element_size()
-        arr = memo[key] = pool.as_strided((n,), (1,), 0).numpy()
-    return arr  # type: ignore[return-value]
+    element 0 of it, so the pool's storage offset and row stride pass as they are)."""
+    n = pool.untyped_storage().nbytes() // pool.element_size()
+    return pool.as_strided((n,), (1,), 0).numpy()
+
+
+# The pools' half of `_core.cpu_add_lora`'s arguments: arena, (offset, stride, width) of A,
+# then of Bt.
+KernelPoolArgs = tuple[np.ndarray, tuple[int, int, int], np.ndarray, tuple[int, int, int]]
+
+
+class _PoolArgs(NamedTuple):
+    """What the kernel needs of one (A pool, Bt pool) pair, derived once per pair."""
+
+    args: KernelPoolArgs | None  # None: the pools do not suit the kernel
+    storages: tuple[int, int]  # data pointers of the pools' storages: y must be neither
+    refs: tuple[weakref.ref, weakref.ref]  # keep the callbacks that drop the entry alive
+
+
+def _pool_args(a_pool: torch.Tensor, bt_pool: torch.Tensor) -> KernelPoolArgs | None:
+    if not (
+        a_pool.device.type == bt_pool.device.type == "cpu"
+        and a_pool.dtype == bt_pool.dtype == torch.float32
+        and a_pool.stride(1) == 1
+        and bt_pool.stride(1) == 1
+    ):
+        return None
+    return (
+        _arena(a_pool),
+        (a_pool.storage_offset(), a_pool.stride(0), a_pool.shape[1]),
+        _arena(bt_pool),
+        (bt_pool.storage_offset(), bt_pool.stride(0), bt_pool.shape[1]),
+    )
+
+
+def _io_ok(y: torch.Tensor, x: torch.Tensor, storages: tuple[int, int]) -> bool:
+    return (
+        y.is_cpu
+        and x.is_cpu
+        and y.dtype == x.dtype == torch.float32
+        and y.is_contiguous()
+        and x.is_contiguous()
+        and not y.requires_grad
+        and y.untyped_storage().data_ptr() not in storages
+    )
 
 
 class CpuBackend:
@@ -46,22 +84,36 @@ class CpuBackend:
     def __init__(self, max_seg_tokens: int = 64, fallback: TorchBackend | None = None) -> None:
         self.max_seg_tokens = max_seg_tokens
         self.fallback = fallback or TorchBackend()
+        self._cache: dict[tuple[int, int], _PoolArgs] = {}
 
     def supports(
         self, y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, bt_pool: torch.Tensor
     ) -> bool:
-        return (
-            y.device.type == "cpu"
-            and x.device.type == y.device.type == a_pool.device.type == bt_pool.device.type
-            and x.dtype == y.dtype == a_pool.dtype == bt_pool.dtype == torch.float32
-            and y.is_contiguous()
-            and x.is_contiguous()
-            and a_pool.stride(1) == 1
-            and bt_pool.stride(1) == 1
-            and not y.requires_grad
-            and y.untyped_storage().data_ptr()
-            not in (a_pool.untyped_storage().data_ptr(), bt_pool.untyped_storage().data_ptr())
-        )
+        pools = self._pools(a_pool, bt_pool)
+        return pools.args is not None and _io_ok(y, x, pools.storages)
+
+    def _pools(self, a_pool: torch.Tensor, bt_pool: torch.Tensor) -> _PoolArgs:
+        """The pair's kernel arguments (`args` None: the pools do not suit the kernel), made
+        once per pair of views: the hooks pass each layer's persistent views
+        (`AdapterPools.a_layers`), and deriving them took most of a call's host time. The
+        entry goes when either view is collected, so an id in a key is never a reused one."""
+        key = (id(a_pool), id(bt_pool))
+        entry = self._cache.get(key)
+        if entry is None:
+            cache = self._cache
+
+            def drop(_: weakref.ref) -> None:
+                cache.pop(key, None)
+
+            entry = cache[key] = _PoolArgs(
+                args=_pool_args(a_pool, bt_pool),
+                storages=(
+                    a_pool.untyped_storage().data_ptr(),
+                    bt_pool.untyped_storage().data_ptr(),
+                ),
+                refs=(weakref.ref(a_pool, drop), weakref.ref(bt_pool, drop)),
+            )
+        return entry
 
     def add_lora(
         self,
@@ -73,16 +125,14 @@ class CpuBackend:
     ) -> None:
         if batch.num_active == 0:
             return
-        if batch.max_seg_tokens > self.max_seg_tokens or not self.supports(y, x, a_pool, bt_pool):
+        pools = self._pools(a_pool, bt_pool)
+        if (
+            pools.args is None
+            or batch.max_seg_tokens > self.max_seg_tokens
+            or not _io_ok(y, x, pools.storages)
+        ):
             self.fallback.add_lora(y, x, a_pool, bt_pool, batch)
             return
-        memo = batch.scratch
         _core.cpu_add_lora(
-            y.view(-1).numpy(),
-            x.detach().view(-1).numpy(),
-            _arena(a_pool, memo),
-            (a_pool.storage_offset(), a_pool.stride(0), a_pool.shape[1]),
-            _arena(bt_pool, memo),
-            (bt_pool.storage_offset(), bt_pool.stride(0), bt_pool.shape[1]),
-            *batch.cpu_segments,
+            y.view(-1).numpy(), x.detach().view(-1).numpy(), *pools.args, *batch.cpu_segments
         )

@@ -80,9 +80,14 @@ class AdapterPools:
         self.granularity = granularity
         self.a: dict[str, torch.Tensor] = {}
         self.bt: dict[str, torch.Tensor] = {}
+        # One view per layer, made once: the hooks run 4-7 x layers times a step, and a
+        # backend may key what it derives from a pool on the view (CpuBackend does).
+        self.a_layers: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.bt_layers: dict[str, tuple[torch.Tensor, ...]] = {}
         for spec in geometry.modules:
             a, bt = cache.row_views(spec.in_features, spec.out_features, granularity)
             self.a[spec.name], self.bt[spec.name] = a, bt
+            self.a_layers[spec.name], self.bt_layers[spec.name] = a.unbind(0), bt.unbind(0)
 
     def nbytes(self) -> int:
         """Device bytes the pools add beyond the KV cache: none."""
@@ -396,7 +401,10 @@ def _make_hook(owner: object, layer: int, name: str, group: tuple[str, ...] = ()
         fuse = bool(group) and getattr(ctx.backend, "fuse_groups", False)
         if fuse and _fused_add(ctx, layer, name, group, x, x2d, y2d, batch):
             return output
-        ctx.backend.add_lora(y2d, x2d, ctx.pools.a[name][layer], ctx.pools.bt[name][layer], batch)
+        pools = ctx.pools
+        ctx.backend.add_lora(
+            y2d, x2d, pools.a_layers[name][layer], pools.bt_layers[name][layer], batch
+        )
         return output
 
     return hook
@@ -423,7 +431,7 @@ def _fused_add(
     Whatever the order the hooks fire in, each member's delta is added exactly once."""
     backend: Any = ctx.backend
     ctx.fired.add((layer, name))
-    bt = ctx.pools.bt[name][layer]
+    bt = ctx.pools.bt_layers[name][layer]
     stash = ctx.fused.pop((layer, name), None)
     if stash is not None:
         if not stash.reads(x):
@@ -447,7 +455,7 @@ def _fused_add(
     if not backend.fusable(x2d, batches):
         return False
     plan = backend.plan(batches, x2d.shape[1])
-    vp = backend.shrink(x2d, [ctx.pools.a[n][layer] for n in members], batches, plan=plan)
+    vp = backend.shrink(x2d, [ctx.pools.a_layers[n][layer] for n in members], batches, plan=plan)
     stash = FusedShrink(
         x=x,
         version=_version(x),
