@@ -35,13 +35,16 @@ def _verdict(met: bool | None) -> str:
 def _prov(d: dict[str, Any]) -> str:
     m = d.get("machine", {})
     cores = m.get("cores")
-    mi = d.get("model_info", {})
+    mi = d.get("model_info")
     model = (
-        f"{mi.get('model', '?')} ({mi.get('layers', '?')} layers, hidden {mi.get('hidden', '?')})"
+        ""
+        if mi is None  # benches of one op on synthetic data
+        else f"; model: {mi.get('model', '?')} ({mi.get('layers', '?')} layers,"
+        f" hidden {mi.get('hidden', '?')})"
     )
     return (
         f"_{d.get('date', '?')}, commit `{d.get('commit', '?')}`, {m.get('cpu', '?')}"
-        f" ({cores} cores), torch {m.get('torch', '?')}; model: {model}._"
+        f" ({cores} cores), torch {m.get('torch', '?')}{model}._"
     )
 
 
@@ -289,6 +292,33 @@ def runtime(results: Path) -> list[str]:
     return out
 
 
+def cpu_kernel(d: dict[str, Any]) -> list[str]:
+    """The CPU LoRA kernel's read rate and its crossover with torch (bench_cpu_kernel.py)."""
+    bw = d["bandwidth"]
+    mem, hot = bw["from_memory_gb_s"], bw["from_cache_gb_s"]
+    out = [
+        "### CPU LoRA kernel (`bench_cpu_kernel.py`)",
+        "",
+        _prov(d),
+        "",
+        f"One decode step's rows ({bw['step_mb']:.1f} MB: 16 adapters, rank {d['rank']},"
+        f" q/k/v/o of {bw['layers']} layers) from memory: kernel {mem['kernel']:.1f} GB/s,"
+        f" `torch.sum` over the same bytes {mem['torch_sum']:.1f} GB/s; one module's rows"
+        f" ({bw['module_mb']:.2f} MB) from cache: {hot['kernel']:.1f} vs"
+        f" {hot['torch_sum']:.1f} GB/s. Kernel time / torch reference time by segment shape"
+        f" (`CpuBackend.max_seg_tokens` = {d['current_max_seg_tokens']}):",
+        "",
+        "| in | segments x tokens | kernel (us) | torch (us) | kernel / torch |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for r in d["crossover"]:
+        out.append(
+            f"| {r['in']} | {r['segments']} x {r['tokens_per_segment']}"
+            f" | {r['kernel_us']:.1f} | {r['torch_us']:.1f} | {r['kernel_over_torch']:.2f}x |"
+        )
+    return [*out, ""]
+
+
 def memory(d: dict[str, Any]) -> list[str]:
     from bench_memory import markdown  # the bench owns its section's layout
 
@@ -302,6 +332,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "fanout": fanout,
     "trace": trace,
     "memory": memory,
+    "cpu_kernel": cpu_kernel,
     "core_scheduler": core,
 }
 

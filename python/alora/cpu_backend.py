@@ -6,7 +6,7 @@ a batched mat-vec whose cost is reading each adapter's A and Bt rows once. Torch
 16 rank-16 adapters reaches about a third of the read bandwidth (per-matrix setup and op
 dispatch dominate); the kernel streams the rows in place, wherever the pools' rows lie in the
 KV cache's memory, with no gather and one call per module. Segments with many tokens (prefill
-chunks of more than 64 tokens) are matrix products, where torch's GEMMs win, so they go to
+chunks of more than 128 tokens) are matrix products, where torch's GEMMs win, so they go to
 `TorchBackend`.
 """
 
@@ -73,15 +73,16 @@ def _io_ok(y: torch.Tensor, x: torch.Tensor, storages: tuple[int, int]) -> bool:
 class CpuBackend:
     """`LoraBackend` for float32 models on the CPU. Batches whose segments hold at most
     `max_seg_tokens` tokens each run on the Rust kernel; others, and other dtypes or
-    layouts, run on `TorchBackend` (the reference). The default 64 is where the kernel's
-    per-token dot products start to lose to torch's matrix products (rank 16, one segment,
-    1 thread, `in` 576 or 1536: 0.69-0.91x torch's time from 4 to 32 tokens, 0.92x at 64,
-    1.03x at 96, 1.15-1.22x at 256; with 16 segments of 4-16 tokens 0.17-0.29x). Short aLoRA
-    invocations and decode take the kernel; long prefill chunks take torch's GEMM."""
+    layouts, run on `TorchBackend` (the reference). The default 128 is below where the
+    kernel's per-token dot products start to lose to torch's matrix products
+    (`benches/bench_cpu_kernel.py`: rank 16, 1 thread, `in` 576 / 1536, kernel time over
+    torch's 0.24-0.30x at 4 tokens, 0.55-0.78x at 64, 0.63-0.89x at 128, 0.86-1.08x at 256,
+    1.06-1.15x at 512; 16 segments of 4-16 tokens 0.11-0.46x). Decode and aLoRA
+    invocations take the kernel; long prefill chunks take torch's GEMM."""
 
     name = "cpu"
 
-    def __init__(self, max_seg_tokens: int = 64, fallback: TorchBackend | None = None) -> None:
+    def __init__(self, max_seg_tokens: int = 128, fallback: TorchBackend | None = None) -> None:
         self.max_seg_tokens = max_seg_tokens
         self.fallback = fallback or TorchBackend()
         self._cache: dict[tuple[int, int], _PoolArgs] = {}
