@@ -94,7 +94,7 @@ class LoraBatch:
     @cached_property
     def scratch(self) -> dict[object, object]:
         """Per-batch memo (the batch lives one step): `dense_rows` by token count, and
-        whatever a backend derives once for every layer (the CPU backend's arena views)."""
+        whatever else a backend derives once for every layer of the step."""
         return {}
 
     @cached_property

@@ -248,7 +248,13 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[k] += p[k] * q[k];
         }
     }
-    // Pairwise reduction of the partial sums.
+    reduce(acc, tail)
+}
+
+/// Pairwise reduction of the partial sums, then the tail: the one order `dot` and
+/// `dot_group` share, so a row's result does not depend on which of them computed it.
+#[inline(always)]
+fn reduce(mut acc: [f32; LANES], tail: f32) -> f32 {
     let mut w = LANES;
     while w > 1 {
         w /= 2;
@@ -282,16 +288,11 @@ fn dot_group(rows: &[&[f32]; GROUP], x: &[f32]) -> [f32; GROUP] {
         }
     }
     let full = n - n % LANES;
-    let fin = |mut a: [f32; LANES], r: &[f32]| {
-        let tail: f32 = r[full..].iter().zip(&x[full..]).map(|(p, q)| p * q).sum();
-        let mut w = LANES;
-        while w > 1 {
-            w /= 2;
-            for l in 0..w {
-                a[l] += a[l + w];
-            }
-        }
-        a[0] + tail
+    let fin = |a: [f32; LANES], r: &[f32]| {
+        reduce(
+            a,
+            r[full..].iter().zip(&x[full..]).map(|(p, q)| p * q).sum(),
+        )
     };
     [fin(a0, r0), fin(a1, r1), fin(a2, r2), fin(a3, r3)]
 }
