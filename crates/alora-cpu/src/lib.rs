@@ -206,20 +206,34 @@ fn run<'s>(
                 v[i * rank + jj] = scale * dot(arow, &x[t as usize * din..][..din]);
             }
         }
-        // Expand: one Bt row at a time into the token's y row (in L1).
+        // Expand: Bt rows in groups of GROUP per pass over the token's y row (one store of y
+        // per GROUP rows read), then the rest one at a time; the sum's order is row by row
+        // either way.
         let bt_ids = &seg.bt_rows[r0..r1];
         for (i, &t) in toks.iter().enumerate() {
             let yrow = &mut y[t as usize * dout..][..dout];
-            for (&c, &bid) in v[i * rank..][..rank].iter().zip(bt_ids) {
-                axpy(yrow, c, row(bt_arena, bt, bid));
+            let c = &v[i * rank..][..rank];
+            let mut j = 0;
+            while j + GROUP <= rank {
+                let brows: [&[f32]; GROUP] =
+                    std::array::from_fn(|g| row(bt_arena, bt, bt_ids[j + g]));
+                axpy_group(yrow, c[j..j + GROUP].try_into().unwrap(), &brows);
+                j += GROUP;
+            }
+            for (&cj, &bid) in c[j..].iter().zip(&bt_ids[j..]) {
+                axpy(yrow, cj, row(bt_arena, bt, bid));
             }
         }
     }
 }
 
-/// A rows per group in the shrink: four rows share each load of x, and their 4 x LANES
-/// partial sums keep the vector units busy (measured: 2x the single-row loop's throughput
-/// on rows in cache; from memory the loop runs at the read bandwidth either way).
+/// Rows per group, in the shrink (four A rows share each load of x, their 4 x LANES partial
+/// sums keep the vector units busy) and in the expand (four Bt rows per load and store of
+/// y). Measured on one core, one decode step's rows from memory (`bench_cpu_kernel.py`):
+/// the expand at one row per pass ran at half the read rate of the same loop without its
+/// stores of y; four rows per pass took the whole kernel from ~0.65x to ~0.8x of a plain
+/// sum over the same bytes. Eight rows gained ~2% more with AVX-512 and would spill AVX2's
+/// sixteen registers.
 const GROUP: usize = 4;
 
 #[inline(always)]
@@ -230,25 +244,18 @@ fn row(arena: &[f32], pool: RowPool, id: i64) -> &[f32] {
 const LANES: usize = 32;
 
 /// Dot product with 32 independent partial sums (vectorised by the compiler without
-/// reassociating a single sum).
+/// reassociating a single sum; fixed-size chunks so no bounds check is left in the loop).
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
+    let ((ca, ta), (cb, tb)) = (a[..n].as_chunks::<LANES>(), b[..n].as_chunks::<LANES>());
     let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(p, q)| p * q)
-        .sum();
-    for (p, q) in ca.zip(cb) {
+    for (p, q) in ca.iter().zip(cb) {
         for k in 0..LANES {
             acc[k] += p[k] * q[k];
         }
     }
-    reduce(acc, tail)
+    reduce(acc, ta.iter().zip(tb).map(|(p, q)| p * q).sum())
 }
 
 /// Pairwise reduction of the partial sums, then the tail: the one order `dot` and
@@ -270,31 +277,31 @@ fn reduce(mut acc: [f32; LANES], tail: f32) -> f32 {
 #[inline(always)]
 fn dot_group(rows: &[&[f32]; GROUP], x: &[f32]) -> [f32; GROUP] {
     let n = x.len();
-    let (r0, r1, r2, r3) = (&rows[0][..n], &rows[1][..n], &rows[2][..n], &rows[3][..n]);
-    let (mut a0, mut a1, mut a2, mut a3) =
-        ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
-    let chunks = x
-        .chunks_exact(LANES)
-        .zip(r0.chunks_exact(LANES))
-        .zip(r1.chunks_exact(LANES))
-        .zip(r2.chunks_exact(LANES))
-        .zip(r3.chunks_exact(LANES));
-    for ((((xc, c0), c1), c2), c3) in chunks {
+    let (cx, tx) = x.as_chunks::<LANES>();
+    let c: [(&[[f32; LANES]], &[f32]); GROUP] =
+        std::array::from_fn(|g| rows[g][..n].as_chunks::<LANES>());
+    let mut acc = [[0f32; LANES]; GROUP];
+    for (i, xc) in cx.iter().enumerate() {
+        let r: [&[f32; LANES]; GROUP] = std::array::from_fn(|g| &c[g].0[i]);
         for l in 0..LANES {
-            a0[l] += c0[l] * xc[l];
-            a1[l] += c1[l] * xc[l];
-            a2[l] += c2[l] * xc[l];
-            a3[l] += c3[l] * xc[l];
+            acc[0][l] += r[0][l] * xc[l];
+            acc[1][l] += r[1][l] * xc[l];
+            acc[2][l] += r[2][l] * xc[l];
+            acc[3][l] += r[3][l] * xc[l];
         }
     }
-    let full = n - n % LANES;
-    let fin = |a: [f32; LANES], r: &[f32]| {
-        reduce(
-            a,
-            r[full..].iter().zip(&x[full..]).map(|(p, q)| p * q).sum(),
-        )
-    };
-    [fin(a0, r0), fin(a1, r1), fin(a2, r2), fin(a3, r3)]
+    std::array::from_fn(|g| reduce(acc[g], c[g].1.iter().zip(tx).map(|(p, q)| p * q).sum()))
+}
+
+/// `y += c[0] * rows[0]`, then `+= c[1] * rows[1]`, ... in one pass over `y`: per element the
+/// same operations in the same order as `GROUP` calls of `axpy`, so the same bits.
+#[inline(always)]
+fn axpy_group(y: &mut [f32], c: [f32; GROUP], rows: &[&[f32]; GROUP]) {
+    let n = y.len();
+    let (r0, r1, r2, r3) = (&rows[0][..n], &rows[1][..n], &rows[2][..n], &rows[3][..n]);
+    for k in 0..n {
+        y[k] = (((y[k] + c[0] * r0[k]) + c[1] * r1[k]) + c[2] * r2[k]) + c[3] * r3[k];
+    }
 }
 
 #[inline(always)]

@@ -208,3 +208,23 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Grouping rows in the expand changes no result: bit for bit `GROUP` calls of `axpy`.
+    #[test]
+    fn grouped_axpy_is_axpy(
+        n in 1usize..200,
+        seed in prop::collection::vec(-1.0f32..1.0, 5 * 200),
+        c in prop::array::uniform4(-2.0f32..2.0),
+    ) {
+        let rows: [&[f32]; GROUP] = std::array::from_fn(|g| &seed[g * 200..][..n]);
+        let mut want = seed[4 * 200..][..n].to_vec();
+        for g in 0..GROUP {
+            axpy(&mut want, c[g], rows[g]);
+        }
+        let mut got = seed[4 * 200..][..n].to_vec();
+        axpy_group(&mut got, c, &rows);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&got), bits(&want));
+    }
+}
