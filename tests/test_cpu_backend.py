@@ -76,7 +76,13 @@ def small_problem(dtype: torch.dtype = torch.float32) -> tuple:
 
 @pytest.mark.parametrize(
     ("case", "to_torch"),
-    [("decode", False), ("long segment", True), ("float64", True), ("non-contiguous x", True)],
+    [
+        ("decode", False),
+        ("long segment", True),
+        ("float64", True),
+        ("non-contiguous x", True),
+        ("y inside a pool's storage", True),
+    ],
 )
 def test_which_batches_take_the_kernel(case: str, to_torch: bool) -> None:
     x, y, a, bt, seg_tokens, ranks, rows, scales = small_problem(
@@ -84,9 +90,14 @@ def test_which_batches_take_the_kernel(case: str, to_torch: bool) -> None:
     )
     if case == "non-contiguous x":
         x = torch.randn(8, 6).t()
+    got = y.clone()
+    if case == "y inside a pool's storage":
+        # y shares the buffer the pools' rows live in (the kernel reads A / Bt while writing y)
+        buf = torch.cat([a.reshape(-1), bt.reshape(-1), y.reshape(-1)])
+        a, bt = buf[: a.numel()].view_as(a), buf[a.numel() : a.numel() + bt.numel()].view_as(bt)
+        got = buf[a.numel() + bt.numel() :].view_as(y)
     fallback = Counting()
     backend = CpuBackend(max_seg_tokens=2 if case == "long segment" else 8, fallback=fallback)
-    got = y.clone()
     backend.add_lora(got, x, a, bt, make_batch(seg_tokens, ranks, rows, scales))
     assert fallback.calls == int(to_torch)
     check_against_oracle(got, y, oracle(y, x, a, bt, seg_tokens, rows, scales), seg_tokens, 6)
@@ -107,6 +118,14 @@ def test_bad_arguments_are_refused_and_write_nothing() -> None:
         with pytest.raises(ValueError):
             _core.cpu_add_lora(got.view(-1).numpy(), *a_args, p, s)
         assert torch.equal(got, y), name
+    for i in range(2):  # contiguous, but column-major: a flat read would be wrong
+        arrays = [y.clone().numpy(), x.numpy()]
+        arrays[i] = np.asfortranarray(arrays[i])
+        assert not arrays[i].flags.c_contiguous
+        before = arrays[0].copy()
+        with pytest.raises(ValueError, match="C-contiguous"):
+            _core.cpu_add_lora(arrays[0], arrays[1], *args[1:], packed, scale)
+        assert np.array_equal(arrays[0], before)
     bad_tok = packed.copy()
     bad_tok[2] = 6  # the first token index: outside the step's 6 tokens
     got = y.clone()

@@ -59,7 +59,8 @@ def cpu_add_lora(
     seg_scale: np.ndarray,
 ) -> None:
     """The CPU LoRA kernel (float32, in place): `y[tok] += scale * (x[tok] . A rows) @ Bt
-    rows` per segment. `y` / `x`: flattened `[tokens, out]` / `[tokens, in]`; `a` / `bt`:
+    rows` per segment. `y` / `x`: `[tokens, out]` / `[tokens, in]`, C-contiguous, any shape
+    (read flat); `a` / `bt`:
     `(offset, stride, width)` of each pool's rows in its arena (row c at `offset + c *
     stride`); `segments`: int64 `[n_tokens, n_rows, token_idx.., seg_start.., seg_row_start..,
     rows.., bt_rows..]`, `seg_scale`: float32 per segment (see `LoraBatch.cpu_segments`). The

@@ -38,7 +38,7 @@ class _PoolArgs(NamedTuple):
     """What the kernel needs of one (A pool, Bt pool) pair, derived once per pair."""
 
     args: KernelPoolArgs | None  # None: the pools do not suit the kernel
-    storages: tuple[int, int]  # data pointers of the pools' storages: y must be neither
+    spans: tuple[tuple[int, int], ...]  # byte ranges of the pools' storages: y in none of them
     refs: tuple[weakref.ref, weakref.ref]  # keep the callbacks that drop the entry alive
 
 
@@ -58,27 +58,40 @@ def _pool_args(a_pool: torch.Tensor, bt_pool: torch.Tensor) -> KernelPoolArgs | 
     )
 
 
-def _io_ok(y: torch.Tensor, x: torch.Tensor, storages: tuple[int, int]) -> bool:
-    return (
-        y.is_cpu
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
+_F32 = torch.float32
+
+
+def _io_ok(y: torch.Tensor, x: torch.Tensor, spans: tuple[tuple[int, int], ...]) -> bool:
+    """Runs once per hook, so only cheap attribute reads: a fresh storage object per call
+    (`untyped_storage()`) cost as much as the rest of the host path."""
+    if not (
+        y.dtype is _F32
+        and x.dtype is _F32
+        and y.is_cpu
         and x.is_cpu
-        and y.dtype == x.dtype == torch.float32
         and y.is_contiguous()
         and x.is_contiguous()
         and not y.requires_grad
-        and y.untyped_storage().data_ptr() not in storages
-    )
+    ):
+        return False
+    p = y.data_ptr()
+    return not any(lo <= p < hi for lo, hi in spans)
 
 
 class CpuBackend:
     """`LoraBackend` for float32 models on the CPU. Batches whose segments hold at most
     `max_seg_tokens` tokens each run on the Rust kernel; others, and other dtypes or
     layouts, run on `TorchBackend` (the reference). The default 128 is below where the
-    kernel's per-token dot products start to lose to torch's matrix products
-    (`benches/bench_cpu_kernel.py`: rank 16, 1 thread, `in` 576 / 1536, kernel time over
-    torch's 0.24-0.30x at 4 tokens, 0.55-0.78x at 64, 0.63-0.89x at 128, 0.86-1.08x at 256,
-    1.06-1.15x at 512; 16 segments of 4-16 tokens 0.11-0.46x). Decode and aLoRA
-    invocations take the kernel; long prefill chunks take torch's GEMM."""
+    kernel's per-token dot products start to lose to torch's matrix products at the wider
+    input (`benches/bench_cpu_kernel.py`: rank 16, 1 thread, kernel time over torch's at
+    `in` 576 / 1536: 0.16 / 0.26x at 4 tokens, 0.44 / 0.84x at 64, 0.57 / 0.97x at 128,
+    0.85 / 1.09x at 256, 0.76 / 1.09x at 512; 16 segments of 4-16 tokens 0.11-0.49x).
+    Decode and aLoRA invocations take the kernel; long prefill chunks take torch's GEMM."""
 
     name = "cpu"
 
@@ -91,7 +104,7 @@ class CpuBackend:
         self, y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, bt_pool: torch.Tensor
     ) -> bool:
         pools = self._pools(a_pool, bt_pool)
-        return pools.args is not None and _io_ok(y, x, pools.storages)
+        return pools.args is not None and _io_ok(y, x, pools.spans)
 
     def _pools(self, a_pool: torch.Tensor, bt_pool: torch.Tensor) -> _PoolArgs:
         """The pair's kernel arguments (`args` None: the pools do not suit the kernel), made
@@ -108,10 +121,7 @@ class CpuBackend:
 
             entry = cache[key] = _PoolArgs(
                 args=_pool_args(a_pool, bt_pool),
-                storages=(
-                    a_pool.untyped_storage().data_ptr(),
-                    bt_pool.untyped_storage().data_ptr(),
-                ),
+                spans=(_span(a_pool), _span(bt_pool)),
                 refs=(weakref.ref(a_pool, drop), weakref.ref(bt_pool, drop)),
             )
         return entry
@@ -130,10 +140,15 @@ class CpuBackend:
         if (
             pools.args is None
             or batch.max_seg_tokens > self.max_seg_tokens
-            or not _io_ok(y, x, pools.storages)
+            or not _io_ok(y, x, pools.spans)
         ):
             self.fallback.add_lora(y, x, a_pool, bt_pool, batch)
             return
+        # 2-D arrays as they are (the kernel reads any C-contiguous array flat); inside the
+        # runtime's steps (inference mode) x needs no detach.
         _core.cpu_add_lora(
-            y.view(-1).numpy(), x.detach().view(-1).numpy(), *pools.args, *batch.cpu_segments
+            y.numpy(),
+            (x.detach() if x.requires_grad else x).numpy(),
+            *pools.args,
+            *batch.cpu_segments,
         )

@@ -1,7 +1,7 @@
 //! `_core.cpu_add_lora`: the CPU LoRA kernel of `alora-cpu` over numpy views of torch tensors.
 
 use alora_cpu::{RowPool, Segments};
-use numpy::{PyReadonlyArray1, PyReadwriteArray1};
+use numpy::{PyReadonlyArray1, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -14,7 +14,7 @@ fn contiguous<'a, T: numpy::Element>(
 }
 
 /// `y[tok] += scale * (x[tok] . A rows) @ Bt rows` for every segment's tokens; `y` / `x` are
-/// the flattened `[tokens, out]` / `[tokens, in]` arrays, `a` / `bt` are `(offset, stride,
+/// the `[tokens, out]` / `[tokens, in]` arrays (C-contiguous, any shape: read flat), `a` / `bt` are `(offset, stride,
 /// width)` of the pools inside `a_arena` / `bt_arena` (may be the same array). `segments` packs
 /// `token_idx, seg_start, seg_row_start, rows, bt_rows` (int64; the segment count is
 /// `len(seg_scale)`, the token count `segments[n_tok_at]`... see `LoraBatch.cpu_segments`).
@@ -23,8 +23,8 @@ fn contiguous<'a, T: numpy::Element>(
 #[allow(clippy::too_many_arguments)]
 pub fn cpu_add_lora(
     py: Python<'_>,
-    mut y: PyReadwriteArray1<'_, f32>,
-    x: PyReadonlyArray1<'_, f32>,
+    mut y: PyReadwriteArrayDyn<'_, f32>,
+    x: PyReadonlyArrayDyn<'_, f32>,
     a_arena: PyReadonlyArray1<'_, f32>,
     a: (usize, usize, usize),
     bt_arena: PyReadonlyArray1<'_, f32>,
@@ -39,12 +39,21 @@ pub fn cpu_add_lora(
         stride,
         width,
     };
-    let x = contiguous(&x, "x")?;
+    // C order only: a Fortran-ordered 2-D array is contiguous too, but not row-major.
+    if !x.is_c_contiguous() {
+        return Err(PyValueError::new_err("x must be a C-contiguous array"));
+    }
+    let x = x
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("x must be a C-contiguous array"))?;
     let a_arena = contiguous(&a_arena, "a_arena")?;
     let bt_arena = contiguous(&bt_arena, "bt_arena")?;
+    if !y.is_c_contiguous() {
+        return Err(PyValueError::new_err("y must be a C-contiguous array"));
+    }
     let y = y
         .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("y must be a contiguous 1-D array"))?;
+        .map_err(|_| PyValueError::new_err("y must be a C-contiguous array"))?;
     py.detach(|| alora_cpu::add_lora(y, x, a_arena, pool(a), bt_arena, pool(bt), &seg))
         .map_err(|e| PyValueError::new_err(e.to_string()))
 }
