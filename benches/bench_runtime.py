@@ -6,7 +6,10 @@ a. Time to first token of an aLoRA invocation on a cached 2,048-token conversati
    Target: aLoRA within 1.1x of the limit.
 b. Decode throughput with 16 distinct adapters in one batch (16 requests, one adapter each,
    half aLoRA, half LoRA) against the base model alone on the same 16 requests, both through
-   the runtime. Target: >= 0.9x. PEFT's generate (mixed-adapter batch) for reference.
+   the runtime. Target: >= 0.93x (issue #12). PEFT's generate (mixed-adapter batch) for
+   reference. Also reported: the ceiling one core allows (the base step plus the adapters'
+   rows read once at torch.sum's rate, measured in the same run) and, from one extra
+   untimed run, the LoRA kernel's time per step.
 
     python benches/bench_runtime.py            # full run (a few minutes on 2 CPU cores)
     python benches/bench_runtime.py --quick    # small sizes, smoke test (results to a temp dir)
@@ -37,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_meta import RESULTS, write_result
 
 import alora
+import alora.cpu_backend
 from alora.testing import make_peft_adapter
 
 TTFT_TARGET = 1.1  # aLoRA TTFT / limit
@@ -162,7 +166,7 @@ def bench_ttft(model: Any, vocab: int, sizes: Sizes, workdir: Path, seed: int) -
         "suffix_tokens": suffix,
         "invocation_tokens": len(INVOCATION),
         "rank": sizes.rank,
-        "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "targets": list(TARGETS),
         "repeats": sizes.repeats,
         "lora_repeats": len(runs["lora"]),
         "conversation_prefill_s": conv_prefill_s,
@@ -267,6 +271,68 @@ def _peft_reference(
     }
 
 
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _lora_bytes_per_step(model: Any, rank: int, adapters: int) -> int:
+    """Bytes of adapter rows one decode step reads when each of `adapters` distinct adapters
+    (rank `rank` on TARGETS of every layer) has one token: every A row and Bt row once."""
+    elem = next(model.parameters()).element_size()
+    per_adapter = sum(
+        rank * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if name.rpartition(".")[2] in TARGETS and isinstance(m, torch.nn.Linear)
+    )
+    return per_adapter * adapters * elem
+
+
+def _read_rate(nbytes: int, repeats: int = 9) -> float:
+    """Bytes/s one thread reads `nbytes` (at least 16 MB, so the call's fixed cost does not
+    count) of cold memory with torch.sum (median; a 256 MB sum before each repeat evicts the
+    buffer from the caches)."""
+    nbytes = max(nbytes, 16 << 20)
+    buf = torch.ones(nbytes // 4)
+    flush = torch.ones(64 << 20)
+    times = []
+    for _ in range(repeats):
+        flush.sum()
+        t = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times)
+
+
+def _kernel_time_per_step(
+    rt: alora.AdapterRuntime, prompts: Sequence[list[int]], names: Sequence[str], tokens: int
+) -> dict[str, float]:
+    """One extra adapters run (not among the timed ones) with the CPU kernel's calls timed:
+    seconds per step inside `_core.cpu_add_lora` (argument conversion included) and calls
+    per step. Zero calls on a backend other than the CPU one."""
+    core = alora.cpu_backend._core
+    spent = [0.0, 0]
+
+    class Timed:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(core, name)
+
+        @staticmethod
+        def cpu_add_lora(*args: Any) -> None:
+            t = time.perf_counter()
+            try:
+                core.cpu_add_lora(*args)
+            finally:
+                spent[0] += time.perf_counter() - t
+                spent[1] += 1
+
+    alora.cpu_backend._core = Timed()  # type: ignore[assignment]
+    try:
+        run = _decode_run(rt, prompts, names, tokens)
+    finally:
+        alora.cpu_backend._core = core
+    steps = run["steps"]
+    return {"kernel_s_per_step": spent[0] / steps, "kernel_calls_per_step": spent[1] / steps}
+
+
 def bench_decode(
     model: Any, vocab: int, sizes: Sizes, workdir: Path, seed: int, peft: bool
 ) -> dict[str, Any]:
@@ -305,6 +371,7 @@ def bench_decode(
         pair = (("base", [None] * len(prompts)), ("adapters", names))
         for kind, adapters in pair if i % 2 == 0 else pair[::-1]:
             runs[kind].append(_decode_run(rt, prompts, adapters, sizes.decode_tokens))
+    kernel = _kernel_time_per_step(rt, prompts, names, sizes.decode_tokens)
     rt.detach()
     for r in runs["adapters"]:  # every decode token of every request got LoRA compute
         assert r["lora_tokens_total"] >= r["decode_tokens"], r
@@ -320,12 +387,18 @@ def bench_decode(
         (a["decode_tokens"] / a["cpu_s"]) / (b["decode_tokens"] / b["cpu_s"])
         for a, b in zip(runs["adapters"], runs["base"], strict=True)
     ]
+    # The ceiling: the base step plus reading every adapter row once at the rate one thread
+    # reads memory (torch.sum), with no host cost at all.
+    lora_bytes = _lora_bytes_per_step(model, sizes.rank, sizes.adapters)
+    rate = _read_rate(lora_bytes)
+    base_step = statistics.median(r["cpu_s"] / r["steps"] for r in runs["base"])
+    adapters_step = statistics.median(r["cpu_s"] / r["steps"] for r in runs["adapters"])
     out: dict[str, Any] = {
         "requests": len(prompts),
         "distinct_adapters": len(set(names)),
         "adapter_kinds": kinds,
         "rank": sizes.rank,
-        "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "targets": list(TARGETS),
         "prompt_tokens": sizes.decode_prompt,
         "decode_tokens_per_request": sizes.decode_tokens,
         "repeats": sizes.decode_repeats,
@@ -339,6 +412,15 @@ def bench_decode(
         "adapters_over_base_cpu_paired_all": paired,
         "target_adapters_over_base": DECODE_TARGET,
         "met": ratio >= DECODE_TARGET,
+        "step_cpu_ms": {"base": base_step * 1e3, "adapters": adapters_step * 1e3},
+        "lora_mb_per_step": lora_bytes / 1e6,
+        "read_rate_gb_s": rate / 1e9,
+        "ceiling_adapters_over_base": base_step / (base_step + lora_bytes / rate),
+        "kernel_ms_per_step": kernel["kernel_s_per_step"] * 1e3,
+        "kernel_calls_per_step": kernel["kernel_calls_per_step"],
+        "kernel_gb_s": lora_bytes / kernel["kernel_s_per_step"] / 1e9
+        if kernel["kernel_s_per_step"] > 0
+        else None,
         "runs": runs,
     }
     if peft:
@@ -454,6 +536,18 @@ def _print_tables(ttft: dict[str, Any], dec: dict[str, Any]) -> None:
         f"{verdict}; best {dec['adapters_over_base_max']:.3f}x, "
         f"CPU time {dec['adapters_over_base_cpu']:.3f}x, "
         f"CPU time paired per repeat {dec['adapters_over_base_cpu_paired']:.3f}x)"
+    )
+    st = dec["step_cpu_ms"]
+    kernel = (
+        f"kernel {dec['kernel_ms_per_step']:.2f} ms ({dec['kernel_gb_s']:.1f} GB/s)"
+        if dec.get("kernel_gb_s")
+        else "no CPU kernel calls"
+    )
+    print(
+        f"   per step (CPU): base {st['base']:.2f} ms, adapters {st['adapters']:.2f} ms; "
+        f"{dec['lora_mb_per_step']:.1f} MB of adapter rows, {kernel}; ceiling at torch.sum's "
+        f"{dec['read_rate_gb_s']:.1f} GB/s and no host cost: "
+        f"{dec['ceiling_adapters_over_base']:.3f}x"
     )
 
 

@@ -269,7 +269,10 @@ def runtime(results: Path) -> list[str]:
             f" ({_verdict(t['met'])}) | {_f(tok['base'], '.0f')} | {_f(tok['adapters'], '.0f')}"
             f" | {_f(dec['adapters_over_base'], '.3f')}x"
             f" (>= {dec.get('target_adapters_over_base', '?')}: {_verdict(dec['met'])})"
-            f" | {_f(dec.get('adapters_over_base_cpu_paired'), '.3f')}x |"
+            f" | {_f(dec.get('adapters_over_base_cpu_paired'), '.3f')}x"
+            f" | {_f(dec.get('ceiling_adapters_over_base'), '.3f')}x"
+            f" | {_f(dec.get('kernel_ms_per_step'), '.2f')}"
+            f" | {_f(dec.get('kernel_gb_s'), '.1f')} / {_f(dec.get('read_rate_gb_s'), '.1f')} |"
         )
     if not rows:
         return []
@@ -279,11 +282,15 @@ def runtime(results: Path) -> list[str]:
         "decode tokens/s of 16 requests with 16 distinct rank-16 adapters vs without adapters",
         "(target: aLoRA <= 1.1x the limit); the decode ratio of the medians, and the median of",
         "the CPU-time ratios of base and adapter runs made back to back (less exposed to load",
-        "drift).",
+        "drift). Ceiling: the ratio one core allows with no host cost at all, the base step",
+        "plus every adapter row read once at `torch.sum`'s rate from memory (measured in the",
+        "same run); then the LoRA kernel's ms per step (one extra untimed run) and its read",
+        "rate against `torch.sum`'s (GB/s).",
         "",
         "| hidden x layers | conversation | limit | aLoRA | LoRA | aLoRA / limit"
-        " | decode base | decode 16 adapters | ratio | paired |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---|---:|",
+        " | decode base | decode 16 adapters | ratio | paired | ceiling | kernel ms/step"
+        " | kernel / sum GB/s |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|",
         *rows,
         "",
         "![runtime_ttft.png](benches/results/runtime_ttft.png)",
