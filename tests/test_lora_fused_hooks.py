@@ -288,17 +288,18 @@ def test_backends_without_fuse_groups_run_each_module() -> None:
 
 
 def _record_batches(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, LoraBatch | None]]:
-    """Every step's batches (kept alive, so their row tensors' addresses stay unique)."""
-    import alora.executor
+    """Every step's batches (kept alive, so their row tensors' addresses stay unique; a step
+    whose plan repeats the last one's gets the same batches again)."""
+    import alora.lora
 
     steps: list[dict[str, LoraBatch | None]] = []
-    real = alora.executor.build_lora_batches
+    real = alora.lora.LoraBatchCache.get
 
-    def spy(*args: Any, **kwargs: Any) -> dict[str, LoraBatch | None]:
-        steps.append(real(*args, **kwargs))
+    def spy(self: Any, *args: Any, **kwargs: Any) -> dict[str, LoraBatch | None]:
+        steps.append(real(self, *args, **kwargs))
         return steps[-1]
 
-    monkeypatch.setattr(alora.executor, "build_lora_batches", spy)
+    monkeypatch.setattr(alora.lora.LoraBatchCache, "get", spy)
     return steps
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from alora.backend import TorchBackend
 from alora.kv_cache import PagedKVCache
-from alora.lora import AdapterEntry, AdapterPools, build_lora_batches
+from alora.lora import AdapterEntry, AdapterPools, LoraBatchCache, build_lora_batches
 from alora.model import ModelGeometry, ModuleSpec
 
 # ------------------------------------------------------------------------------ fixtures
@@ -465,6 +465,54 @@ def test_build_lora_batches_per_module() -> None:
         SimpleNamespace(**none), entries=entries, module_names=["m0", "m1", "m2"], device="cpu"
     )  # type: ignore[arg-type]
     assert b == {"m0": None, "m1": None, "m2": None}
+
+
+def test_lora_batch_cache_reuses_only_an_identical_plan() -> None:
+    """The executor's one-entry cache: the same plan (a decode step of the same requests)
+    gets the very same batches; any change of token indices, rows or scales rebuilds, and
+    what it returns always equals a fresh build."""
+    entries = {10: SimpleNamespace(seg_scale=2.0), 11: SimpleNamespace(seg_scale=0.5)}
+    plan = SimpleNamespace(
+        sorted_token_idx=np.array([0, 1], dtype=np.int64),
+        segment_start=np.array([0, 1, 2], dtype=np.int32),
+        segment_adapter=np.array([10, 11], dtype=np.uint64),
+        adapter_rank=np.array([2, 1], dtype=np.int32),
+        adapter_row_start=np.array([0, 2, 3], dtype=np.int32),
+        adapter_rows=np.array([4, 5, 9], dtype=np.int32),
+        adapter_bt_rows=np.array([6, 7, 10], dtype=np.int32),
+    )
+    cache = LoraBatchCache(["m0"], torch.device("cpu"))
+    first = cache.get(plan, entries)  # type: ignore[arg-type]
+    copy = SimpleNamespace(**{k: v.copy() for k, v in plan.__dict__.items()})
+    again = cache.get(copy, entries)  # type: ignore[arg-type]
+    assert again is first
+
+    def same(a: dict, b: dict) -> bool:
+        x, y = a["m0"], b["m0"]
+        return (
+            x.rows.tolist() == y.rows.tolist()
+            and x.bt.rows.tolist() == y.bt.rows.tolist()
+            and x.token_idx.tolist() == y.token_idx.tolist()
+            and x.seg_scale_host == y.seg_scale_host
+        )
+
+    changes = {
+        "token order": {"sorted_token_idx": np.array([1, 0], dtype=np.int64)},
+        "a row": {"adapter_rows": np.array([4, 5, 8], dtype=np.int32)},
+        "a Bt row": {"adapter_bt_rows": np.array([6, 7, 11], dtype=np.int32)},
+    }
+    prev = first
+    for name, change in changes.items():
+        p2 = SimpleNamespace(**dict(plan.__dict__, **change))
+        got = cache.get(p2, entries)  # type: ignore[arg-type]
+        assert got is not prev, name
+        fresh = build_lora_batches(p2, entries=entries, module_names=["m0"], device="cpu")  # type: ignore[arg-type]
+        assert same(got, fresh), name
+        prev = got
+    rescaled = {10: SimpleNamespace(seg_scale=2.0), 11: SimpleNamespace(seg_scale=0.25)}
+    got = cache.get(plan, rescaled)  # type: ignore[arg-type]
+    assert got is not prev and got["m0"].seg_scale_host == (2.0, 0.25)
+    assert cache.get(plan, entries)["m0"].seg_scale_host == (2.0, 0.5)  # type: ignore[arg-type, index]
 
 
 def test_half_precision_cache_folds_ratios_into_range() -> None:

@@ -24,9 +24,9 @@ from alora.kv_cache import PagedKVCache
 from alora.lora import (
     AdapterEntry,
     AdapterPools,
+    LoraBatchCache,
     LoraHooks,
     LoraStep,
-    build_lora_batches,
     lora_step,
 )
 from alora.model import ModelGeometry
@@ -59,6 +59,7 @@ class StepExecutor:
         self.block_size = block_size
         self.linears = linears
         self.module_names = [m.name for m in geometry.modules]
+        self.lora_batches = LoraBatchCache(self.module_names, geometry.device)
         # Host -> device page-in latencies (wall time of the writes; on CUDA the copies are
         # asynchronous, so this is the time to enqueue them).
         self.load_events: deque[LoadEvent] = deque(maxlen=MAX_EVENTS)
@@ -93,9 +94,7 @@ class StepExecutor:
         )
         lora = LoraStep(
             owner=self.owner,
-            batches=build_lora_batches(
-                work.lora, entries=entries, module_names=self.module_names, device=dev
-            ),
+            batches=self.lora_batches.get(work.lora, entries),
             pools=self.pools,
             backend=self.backend,
         )

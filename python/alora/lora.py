@@ -260,6 +260,45 @@ def build_lora_batches(
     return result
 
 
+class LoraBatchCache:
+    """`build_lora_batches` for the last plan seen: a decode step of the same requests has the
+    same LoRA plan as the one before it (same segments, token indices and rows), so its
+    batches, and what backends memoise on them (`cpu_segments`, `scratch`), are reused. The
+    key is the plan's arrays and the segments' scales, so any change rebuilds; nothing
+    derived from the rows' contents is kept, so a page-in into the same rows is safe."""
+
+    def __init__(self, module_names: Sequence[str], device: torch.device) -> None:
+        self.module_names = list(module_names)
+        self.device = device
+        self._key: tuple | None = None
+        self._batches: dict[str, LoraBatch | None] = {}
+
+    def get(self, plan: LoraPlan, entries: dict[int, AdapterEntry]) -> dict[str, LoraBatch | None]:
+        adapters = np.asarray(plan.segment_adapter)
+        key = (
+            *(
+                np.asarray(a).tobytes()
+                for a in (
+                    plan.sorted_token_idx,
+                    plan.segment_start,
+                    adapters,
+                    plan.adapter_rank,
+                    plan.adapter_row_start,
+                    plan.adapter_rows,
+                    plan.adapter_bt_rows,
+                )
+            ),
+            tuple(entries[a].seg_scale for a in adapters.tolist()),
+        )
+        if key != self._key:
+            self._key = None  # a failed build leaves no stale entry behind
+            self._batches = build_lora_batches(
+                plan, entries=entries, module_names=self.module_names, device=self.device
+            )
+            self._key = key
+        return self._batches
+
+
 @dataclass
 class LoraStep:
     """What the LoRA hooks need during one runtime forward pass."""
