@@ -326,6 +326,32 @@ def cpu_kernel(d: dict[str, Any]) -> list[str]:
     return [*out, ""]
 
 
+def decode_profile(d: dict[str, Any]) -> list[str]:
+    """Where a 16-adapter decode step's time goes (profile_decode.py)."""
+    rows = [
+        f"| {q} | {_f(r['base_ms'], '.2f')} | {_f(r['adapters_ms'], '.2f')}"
+        f" | {_f(r['adapters_over_base'], '.3f')}x | {_f(r['host_ms'], '.2f')}"
+        f" | {_f(r['kernel_inside_ms'], '.2f')} ({_f(r['kernel_gb_s'], '.1f')} GB/s)"
+        f" | {_f(r['after_kernel_ms'], '.2f')} |"
+        for q, r in d["percentiles"].items()
+    ]
+    return [
+        f"### Where a {d['adapters']}-adapter decode step goes: {d['model']} (`profile_decode.py`)",
+        "",
+        _prov(d),
+        "",
+        f"Per-step CPU ms over {d['steps_per_form']['base']} steps per form, forms interleaved:"
+        " base; adapters; host = adapters with the kernel call a no-op, minus base; the"
+        f" kernel's time inside its calls ({_f(d['lora_mb_per_step'], '.1f')} MB of rows per"
+        " step) and after them (the base ops that follow, slower on the evicted caches).",
+        "",
+        "| percentile | base | adapters | ratio | host | kernel inside | after kernel |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+
+
 def memory(d: dict[str, Any]) -> list[str]:
     from bench_memory import markdown  # the bench owns its section's layout
 
@@ -340,6 +366,8 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "trace": trace,
     "memory": memory,
     "cpu_kernel": cpu_kernel,
+    "decode_profile": decode_profile,
+    "decode_profile_smollm2": decode_profile,
     "core_scheduler": core,
 }
 

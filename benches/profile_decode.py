@@ -1,0 +1,189 @@
+"""Where a multi-adapter decode step's time goes (issue #12's profile of its 16-adapter
+target): the same 16 requests decoded, runs interleaved, in four forms:
+
+- base: no adapters;
+- adapters: 16 distinct rank-16 adapters (half aLoRA, half LoRA), as `bench_runtime.py`;
+- no kernel: the same, with the CPU LoRA kernel's call replaced by a no-op (every other
+  piece of the adapter path still runs: plans, batches, hooks, argument checks);
+- timed: the same as adapters, with the kernel's calls timed from inside the step.
+
+From per-step CPU times (percentiles over every step of every round): host = no kernel -
+base; kernel = adapters - no kernel, of which the time inside the kernel's calls (timed)
+and the rest, the base ops after them running slower (their data evicted by the rows'
+stream). The kernel's read rate is the step's adapter-row bytes over the time inside it.
+
+    python benches/profile_decode.py                     # demo model
+    python benches/profile_decode.py --model smollm2 --name decode_profile_smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_runtime import INVOCATION, PROMPT_LOW, TAIL, _lora_bytes_per_step
+from results_meta import write_result
+
+import alora
+import alora.cpu_backend
+from alora.testing import make_peft_adapter
+
+FORMS = ("base", "adapters", "no kernel", "timed")
+
+
+class _Core:
+    """`alora._core` as the CPU backend sees it, with `cpu_add_lora` swapped per form."""
+
+    def __init__(self, core: Any) -> None:
+        self.core = core
+        self.form = "adapters"
+        self.inside = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.core, name)
+
+    def cpu_add_lora(self, *args: Any) -> None:
+        if self.form == "no kernel":
+            return
+        if self.form != "timed":
+            self.core.cpu_add_lora(*args)
+            return
+        t = time.process_time()
+        try:
+            self.core.cpu_add_lora(*args)
+        finally:
+            self.inside += time.process_time() - t
+
+
+def _steps(
+    rt: alora.AdapterRuntime, prompts: Sequence[list[int]], adapters: Sequence[str | None],
+    tokens: int, core: _Core,
+) -> tuple[list[float], list[float]]:  # fmt: skip
+    """Prefill every request, then per decode step: (CPU seconds, seconds inside the kernel)."""
+    for p, a in zip(prompts, adapters, strict=True):
+        rt.add_request(p, adapter=a, max_new_tokens=tokens, stop_token_ids=())
+    started: set[int] = set()
+    while len(started) < len(prompts):
+        started |= {o.request_id for o in rt.step() if o.new_token is not None}
+    cpu, inside = [], []
+    while rt.has_unfinished():
+        core.inside = 0.0
+        t = time.process_time()
+        rt.step()
+        cpu.append(time.process_time() - t)
+        inside.append(core.inside)
+    return cpu, inside
+
+
+def _pct(v: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(v), q))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--model", help="'smollm2' or a local transformers model (default: demo)")
+    ap.add_argument("--adapters", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens per request")
+    ap.add_argument("--tokens", type=int, default=24, help="decode tokens per request per run")
+    ap.add_argument("--rounds", type=int, default=12, help="interleaved rounds of the 4 forms")
+    ap.add_argument("--name", default="decode_profile")
+    ap.add_argument("--quick", action="store_true", help="tiny model and sizes (smoke test)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    if a.quick:
+        from alora.testing import tiny_model
+
+        model = tiny_model("granite", max_position_embeddings=1024)
+        a.adapters, a.rank, a.prompt, a.tokens, a.rounds = 2, 4, 32, 3, 1
+    else:
+        from alora.demo_model import load_model
+
+        model, _tok = load_model(a.model)
+    vocab = int(model.config.vocab_size)
+    rt = alora.AdapterRuntime(model, max_num_seqs=max(64, a.adapters))
+    work = Path(tempfile.mkdtemp(prefix="alora-profile-"))
+    names = []
+    for i in range(a.adapters):
+        kind = "alora" if i % 2 == 0 else "lora"
+        d = make_peft_adapter(
+            model, work / f"{kind}{i:02d}", kind, r=a.rank, seed=100 + i,
+            invocation_tokens=INVOCATION if kind == "alora" else None,
+        )  # fmt: skip
+        rt.load_adapter(f"{kind}{i:02d}", d)
+        names.append(f"{kind}{i:02d}")
+    rng = np.random.default_rng(7)
+    body = a.prompt - len(INVOCATION) - TAIL
+    prompts = [
+        [*map(int, rng.integers(PROMPT_LOW, vocab, size=body)), *INVOCATION,
+         *map(int, rng.integers(PROMPT_LOW, vocab, size=TAIL))]
+        for _ in range(a.adapters)
+    ]  # fmt: skip
+    core = _Core(alora.cpu_backend._core)
+    alora.cpu_backend._core = core  # type: ignore[assignment]
+    cpu: dict[str, list[float]] = {f: [] for f in FORMS}
+    inside: list[float] = []
+    try:
+        for r in range(a.rounds + 1):  # round 0 warms up, unrecorded
+            for form in FORMS if r % 2 else FORMS[::-1]:
+                core.form = form
+                adapters = [None] * len(prompts) if form == "base" else names
+                steps, ins = _steps(rt, prompts, adapters, a.tokens, core)
+                if r:
+                    cpu[form] += steps
+                    if form == "timed":
+                        inside += ins
+    finally:
+        alora.cpu_backend._core = core.core
+        rt.detach()
+    lora_bytes = _lora_bytes_per_step(model, a.rank, a.adapters)
+    table: dict[str, dict[str, float]] = {}
+    for q in (10, 25, 50):
+        s = {f: _pct(cpu[f], q) for f in FORMS}
+        k_in = _pct(inside, q)
+        table[f"p{q}"] = {
+            **{f"{f}_ms": s[f] * 1e3 for f in FORMS},
+            "host_ms": (s["no kernel"] - s["base"]) * 1e3,
+            "kernel_ms": (s["adapters"] - s["no kernel"]) * 1e3,
+            "kernel_inside_ms": k_in * 1e3,
+            "after_kernel_ms": (s["adapters"] - s["no kernel"] - k_in) * 1e3,
+            "adapters_over_base": s["base"] / s["adapters"],
+            "kernel_gb_s": lora_bytes / k_in / 1e9 if k_in > 0 else float("nan"),
+        }
+    for q, row in table.items():
+        print(
+            f"{q}: base {row['base_ms']:.2f} ms, adapters {row['adapters_ms']:.2f} ms "
+            f"(ratio {row['adapters_over_base']:.3f}x): host {row['host_ms']:.2f} ms, kernel "
+            f"{row['kernel_ms']:.2f} ms = {row['kernel_inside_ms']:.2f} inside "
+            f"({row['kernel_gb_s']:.1f} GB/s) + {row['after_kernel_ms']:.2f} after"
+        )
+    path = write_result(
+        a.name,
+        {
+            "bench": "profile_decode.py",
+            "command": " ".join(["python", "benches/profile_decode.py", *(argv or sys.argv[1:])]),
+            "model": "tiny-granite" if a.quick else (a.model or "demo-granite"),
+            "quick": bool(a.quick),
+            "torch_threads": 1,
+            "adapters": a.adapters,
+            "rank": a.rank,
+            "steps_per_form": {f: len(cpu[f]) for f in FORMS},
+            "lora_mb_per_step": lora_bytes / 1e6,
+            "percentiles": table,
+        },
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
