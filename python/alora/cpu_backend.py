@@ -100,12 +100,6 @@ class CpuBackend:
         self.fallback = fallback or TorchBackend()
         self._cache: dict[tuple[int, int], _PoolArgs] = {}
 
-    def supports(
-        self, y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, bt_pool: torch.Tensor
-    ) -> bool:
-        pools = self._pools(a_pool, bt_pool)
-        return pools.args is not None and _io_ok(y, x, pools.spans)
-
     def _pools(self, a_pool: torch.Tensor, bt_pool: torch.Tensor) -> _PoolArgs:
         """The pair's kernel arguments (`args` None: the pools do not suit the kernel), made
         once per pair of views: the hooks pass each layer's persistent views
