@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_meta import write_result
 
 from alora import _core
-from alora.backend import LoraBatch, TorchBackend
+from alora.backend import TorchBackend
 from alora.cpu_backend import CpuBackend
+from alora.testing import make_lora_batch
 
 RANK = 16
 
@@ -103,26 +105,6 @@ def bandwidth(layers: int, din: int, outs: tuple[int, ...], adapters: int, repea
     }
 
 
-def _batch(seg_tokens: list[list[int]], rows: list[list[int]]) -> LoraBatch:
-    starts = np.cumsum([0] + [len(t) for t in seg_tokens])
-    rstarts = np.cumsum([0] + [len(r) for r in rows])
-    n = len(seg_tokens)
-    return LoraBatch(
-        token_idx=torch.tensor([t for s in seg_tokens for t in s], dtype=torch.int64),
-        seg_start=torch.tensor(starts, dtype=torch.int32),
-        seg_rank=torch.tensor([RANK] * n, dtype=torch.int32),
-        seg_row_start=torch.tensor(rstarts, dtype=torch.int32),
-        rows=torch.tensor([r for rs in rows for r in rs], dtype=torch.int32),
-        seg_scale=torch.full((n,), 0.5),
-        seg_start_host=tuple(int(v) for v in starts),
-        seg_rank_host=(RANK,) * n,
-        seg_row_start_host=tuple(int(v) for v in rstarts),
-        seg_scale_host=(0.5,) * n,
-        max_rank=RANK,
-        max_seg_tokens=max(len(t) for t in seg_tokens),
-    )
-
-
 def crossover(din: int, shapes: list[tuple[int, int]], repeats: int) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(0)
     a = torch.randn(64 * RANK, din, generator=g)
@@ -138,7 +120,7 @@ def crossover(din: int, shapes: list[tuple[int, int]], repeats: int) -> list[dic
         for name, backend in (("kernel", kernel), ("torch", reference)):
             times = []
             for _ in range(repeats):
-                batch = _batch(seg_tokens, rows)
+                batch = make_lora_batch(seg_tokens, [RANK] * nseg, rows, [0.5] * nseg)
                 batch.cpu_segments  # noqa: B018  (built once per step in the runtime)
                 t0 = time.perf_counter()
                 backend.add_lora(y, x, a, bt, batch)
@@ -166,7 +148,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--repeats", type=int, default=25)
     ap.add_argument("--name", default="cpu_kernel")
-    ap.add_argument("--quick", action="store_true", help="few shapes, few repeats (smoke run)")
+    ap.add_argument(
+        "--quick", action="store_true", help="few shapes, few repeats, results to a temp dir"
+    )
     a = ap.parse_args()
     torch.set_num_threads(1)
     repeats = 5 if a.quick else a.repeats
@@ -192,7 +176,10 @@ def main() -> int:
             "bandwidth": {"layers": 8, "in": 512, "out": [512, 256, 256, 512], **bw},
             "crossover": cross,
             "current_max_seg_tokens": CpuBackend().max_seg_tokens,
+            "quick": bool(a.quick),
         },
+        # A smoke run never overwrites the committed results.
+        Path(tempfile.mkdtemp(prefix="alora-bench-")) if a.quick else None,
     )
     print(f"wrote {path}")
     return 0

@@ -19,6 +19,7 @@ stream). The kernel's read rate is the step's adapter-row bytes over the time in
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -97,7 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=24, help="decode tokens per request per run")
     ap.add_argument("--rounds", type=int, default=12, help="interleaved rounds of the 4 forms")
     ap.add_argument("--name", default="decode_profile")
-    ap.add_argument("--quick", action="store_true", help="tiny model and sizes (smoke test)")
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny model and sizes, results to a temp dir"
+    )
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     if a.quick:
@@ -180,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "lora_mb_per_step": lora_bytes / 1e6,
             "percentiles": table,
         },
+        # A smoke run never overwrites the committed results (ALORA_RESULTS_DIR still wins).
+        None
+        if not a.quick or "ALORA_RESULTS_DIR" in os.environ
+        else Path(tempfile.mkdtemp(prefix="alora-bench-")),
     )
     print(f"wrote {path}")
     return 0

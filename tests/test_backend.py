@@ -14,27 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from alora.backend import LoraBatch, TorchBackend
+from alora.testing import make_lora_batch
 
 
 def make_batch(
     seg_tokens: list[list[int]], ranks: list[int], rows: list[list[int]], scales: list[float]
 ) -> LoraBatch:
-    starts = np.cumsum([0] + [len(t) for t in seg_tokens])
-    rstarts = np.cumsum([0, *ranks])
-    return LoraBatch(
-        token_idx=torch.tensor([t for seg in seg_tokens for t in seg], dtype=torch.int64),
-        seg_start=torch.tensor(starts, dtype=torch.int32),
-        seg_rank=torch.tensor(ranks, dtype=torch.int32),
-        seg_row_start=torch.tensor(rstarts, dtype=torch.int32),
-        rows=torch.tensor([r for rs in rows for r in rs], dtype=torch.int32),
-        seg_scale=torch.tensor(scales, dtype=torch.float32),
-        seg_start_host=tuple(int(v) for v in starts),
-        seg_rank_host=tuple(ranks),
-        seg_row_start_host=tuple(int(v) for v in rstarts),
-        seg_scale_host=tuple(scales),
-        max_rank=max(ranks),
-        max_seg_tokens=max(len(t) for t in seg_tokens),
-    )
+    return make_lora_batch(seg_tokens, ranks, rows, scales)  # type: ignore[no-any-return]
 
 
 @st.composite

@@ -398,3 +398,32 @@ def tiny_tokenizer(vocab_size: int = 128) -> Any:
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
     return fast
+
+
+def make_lora_batch(
+    seg_tokens: Sequence[Sequence[int]],
+    ranks: Sequence[int],
+    rows: Sequence[Sequence[int]],
+    scales: Sequence[float],
+) -> Any:
+    """A `LoraBatch` on the CPU from plain lists: per segment its tokens (indices into the
+    step's token axis), its rank, its pool row ids (A and Bt alike) and its scale; the form
+    the backend tests and the kernel bench build by hand."""
+    from alora.backend import LoraBatch
+
+    starts = np.cumsum([0] + [len(t) for t in seg_tokens])
+    rstarts = np.cumsum([0, *ranks])
+    return LoraBatch(
+        token_idx=torch.tensor([t for seg in seg_tokens for t in seg], dtype=torch.int64),
+        seg_start=torch.tensor(starts, dtype=torch.int32),
+        seg_rank=torch.tensor(list(ranks), dtype=torch.int32),
+        seg_row_start=torch.tensor(rstarts, dtype=torch.int32),
+        rows=torch.tensor([r for rs in rows for r in rs], dtype=torch.int32),
+        seg_scale=torch.tensor(list(scales), dtype=torch.float32),
+        seg_start_host=tuple(int(v) for v in starts),
+        seg_rank_host=tuple(ranks),
+        seg_row_start_host=tuple(int(v) for v in rstarts),
+        seg_scale_host=tuple(scales),
+        max_rank=max(ranks),
+        max_seg_tokens=max(len(t) for t in seg_tokens),
+    )
