@@ -14,10 +14,11 @@ fn contiguous<'a, T: numpy::Element>(
 }
 
 /// `y[tok] += scale * (x[tok] . A rows) @ Bt rows` for every segment's tokens; `y` / `x` are
-/// the `[tokens, out]` / `[tokens, in]` arrays (C-contiguous, any shape: read flat), `a` / `bt` are `(offset, stride,
-/// width)` of the pools inside `a_arena` / `bt_arena` (may be the same array). `segments` packs
-/// `token_idx, seg_start, seg_row_start, rows, bt_rows` (int64; the segment count is
-/// `len(seg_scale)`, the token count `segments[n_tok_at]`... see `LoraBatch.cpu_segments`).
+/// the `[tokens, out]` / `[tokens, in]` arrays (C-contiguous, any shape: read flat), `a` /
+/// `bt` are `(offset, stride, width)` of the pools inside `a_arena` / `bt_arena` (may be the
+/// same array). `segments` packs `[n_tokens, n_rows, token_idx.., seg_start..,
+/// seg_row_start.., rows.., bt_rows..]` (int64; the segment count is `len(seg_scale)`; see
+/// `LoraBatch.cpu_segments`).
 /// Raises ValueError (nothing written) on bad arguments.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
