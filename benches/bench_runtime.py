@@ -302,35 +302,52 @@ def _read_rate(nbytes: int, repeats: int = 9) -> float:
     return nbytes / statistics.median(times)
 
 
+class KernelProbe:
+    """`alora._core` as the CPU backend sees it while installed (`with probe:`), with the LoRA
+    kernel's calls run as they are (`mode` "run"), skipped ("skip": every other piece of the
+    adapter path still runs) or timed ("time": CPU seconds inside the calls, argument
+    conversion included, add up in `inside`). `calls` counts them in every mode."""
+
+    def __init__(self, mode: str = "run") -> None:
+        self.core = alora.cpu_backend._core
+        self.mode = mode
+        self.inside = 0.0
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.core, name)
+
+    def cpu_add_lora(self, *args: Any) -> None:
+        self.calls += 1
+        if self.mode == "skip":
+            return
+        if self.mode != "time":
+            self.core.cpu_add_lora(*args)
+            return
+        t = time.process_time()
+        try:
+            self.core.cpu_add_lora(*args)
+        finally:
+            self.inside += time.process_time() - t
+
+    def __enter__(self) -> KernelProbe:
+        alora.cpu_backend._core = self  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        alora.cpu_backend._core = self.core
+
+
 def _kernel_time_per_step(
     rt: alora.AdapterRuntime, prompts: Sequence[list[int]], names: Sequence[str], tokens: int
 ) -> dict[str, float]:
     """One extra adapters run (not among the timed ones) with the CPU kernel's calls timed:
-    seconds per step inside `_core.cpu_add_lora` (argument conversion included) and calls
+    CPU seconds per step inside `_core.cpu_add_lora` (argument conversion included) and calls
     per step. Zero calls on a backend other than the CPU one."""
-    core = alora.cpu_backend._core
-    spent = [0.0, 0]
-
-    class Timed:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(core, name)
-
-        @staticmethod
-        def cpu_add_lora(*args: Any) -> None:
-            t = time.perf_counter()
-            try:
-                core.cpu_add_lora(*args)
-            finally:
-                spent[0] += time.perf_counter() - t
-                spent[1] += 1
-
-    alora.cpu_backend._core = Timed()  # type: ignore[assignment]
-    try:
+    with KernelProbe("time") as probe:
         run = _decode_run(rt, prompts, names, tokens)
-    finally:
-        alora.cpu_backend._core = core
     steps = run["steps"]
-    return {"kernel_s_per_step": spent[0] / steps, "kernel_calls_per_step": spent[1] / steps}
+    return {"kernel_s_per_step": probe.inside / steps, "kernel_calls_per_step": probe.calls / steps}
 
 
 def bench_decode(

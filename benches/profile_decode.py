@@ -25,49 +25,25 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_runtime import INVOCATION, PROMPT_LOW, TAIL, _lora_bytes_per_step
+from bench_runtime import INVOCATION, PROMPT_LOW, TAIL, KernelProbe, _lora_bytes_per_step
 from results_meta import write_result
 
 import alora
-import alora.cpu_backend
 from alora.testing import make_peft_adapter
 
-FORMS = ("base", "adapters", "no kernel", "timed")
-
-
-class _Core:
-    """`alora._core` as the CPU backend sees it, with `cpu_add_lora` swapped per form."""
-
-    def __init__(self, core: Any) -> None:
-        self.core = core
-        self.form = "adapters"
-        self.inside = 0.0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.core, name)
-
-    def cpu_add_lora(self, *args: Any) -> None:
-        if self.form == "no kernel":
-            return
-        if self.form != "timed":
-            self.core.cpu_add_lora(*args)
-            return
-        t = time.process_time()
-        try:
-            self.core.cpu_add_lora(*args)
-        finally:
-            self.inside += time.process_time() - t
+# How each form runs the kernel's calls (`KernelProbe.mode`).
+MODES = {"base": "run", "adapters": "run", "no kernel": "skip", "timed": "time"}
+FORMS = tuple(MODES)
 
 
 def _steps(
     rt: alora.AdapterRuntime, prompts: Sequence[list[int]], adapters: Sequence[str | None],
-    tokens: int, core: _Core,
+    tokens: int, probe: KernelProbe,
 ) -> tuple[list[float], list[float]]:  # fmt: skip
     """Prefill every request, then per decode step: (CPU seconds, seconds inside the kernel)."""
     for p, a in zip(prompts, adapters, strict=True):
@@ -77,11 +53,11 @@ def _steps(
         started |= {o.request_id for o in rt.step() if o.new_token is not None}
     cpu, inside = [], []
     while rt.has_unfinished():
-        core.inside = 0.0
+        probe.inside = 0.0
         t = time.process_time()
         rt.step()
         cpu.append(time.process_time() - t)
-        inside.append(core.inside)
+        inside.append(probe.inside)
     return cpu, inside
 
 
@@ -131,22 +107,20 @@ def main(argv: Sequence[str] | None = None) -> int:
          *map(int, rng.integers(PROMPT_LOW, vocab, size=TAIL))]
         for _ in range(a.adapters)
     ]  # fmt: skip
-    core = _Core(alora.cpu_backend._core)
-    alora.cpu_backend._core = core  # type: ignore[assignment]
     cpu: dict[str, list[float]] = {f: [] for f in FORMS}
     inside: list[float] = []
     try:
-        for r in range(a.rounds + 1):  # round 0 warms up, unrecorded
-            for form in FORMS if r % 2 else FORMS[::-1]:
-                core.form = form
-                adapters = [None] * len(prompts) if form == "base" else names
-                steps, ins = _steps(rt, prompts, adapters, a.tokens, core)
-                if r:
-                    cpu[form] += steps
-                    if form == "timed":
-                        inside += ins
+        with KernelProbe() as probe:
+            for r in range(a.rounds + 1):  # round 0 warms up, unrecorded
+                for form in FORMS if r % 2 else FORMS[::-1]:
+                    probe.mode = MODES[form]
+                    adapters = [None] * len(prompts) if form == "base" else names
+                    steps, ins = _steps(rt, prompts, adapters, a.tokens, probe)
+                    if r:
+                        cpu[form] += steps
+                        if form == "timed":
+                            inside += ins
     finally:
-        alora.cpu_backend._core = core.core
         rt.detach()
     lora_bytes = _lora_bytes_per_step(model, a.rank, a.adapters)
     table: dict[str, dict[str, float]] = {}
