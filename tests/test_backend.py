@@ -13,14 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alora.backend import LoraBatch, TorchBackend
-from alora.testing import make_lora_batch
-
-
-def make_batch(
-    seg_tokens: list[list[int]], ranks: list[int], rows: list[list[int]], scales: list[float]
-) -> LoraBatch:
-    return make_lora_batch(seg_tokens, ranks, rows, scales)  # type: ignore[no-any-return]
+from alora.backend import TorchBackend
+from alora.testing import make_lora_batch as make_batch
 
 
 @st.composite

@@ -25,6 +25,8 @@ from transformers import (
     Qwen3Config,
 )
 
+from alora.backend import LoraBatch
+
 ARCHS: tuple[str, ...] = ("llama", "granite", "mistral", "qwen2", "qwen3")
 ALL_TARGETS: tuple[str, ...] = (
     "q_proj",
@@ -405,12 +407,10 @@ def make_lora_batch(
     ranks: Sequence[int],
     rows: Sequence[Sequence[int]],
     scales: Sequence[float],
-) -> Any:
+) -> LoraBatch:
     """A `LoraBatch` on the CPU from plain lists: per segment its tokens (indices into the
     step's token axis), its rank, its pool row ids (A and Bt alike) and its scale; the form
     the backend tests and the kernel bench build by hand."""
-    from alora.backend import LoraBatch
-
     starts = np.cumsum([0] + [len(t) for t in seg_tokens])
     rstarts = np.cumsum([0, *ranks])
     return LoraBatch(

@@ -1,16 +1,28 @@
 //! `_core.cpu_add_lora`: the CPU LoRA kernel of `alora-cpu` over numpy views of torch tensors.
 
 use alora_cpu::{RowPool, Segments};
-use numpy::{PyReadonlyArray1, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
+use numpy::ndarray::Dimension;
+use numpy::{
+    PyReadonlyArray, PyReadonlyArray1, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
+    PyUntypedArrayMethods,
+};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-fn contiguous<'a, T: numpy::Element>(
-    a: &'a PyReadonlyArray1<'_, T>,
+fn not_c_order(what: &str) -> PyErr {
+    PyValueError::new_err(format!("{what} must be a C-contiguous array"))
+}
+
+/// The array's elements in C order. C order only: a Fortran-ordered 2-D array is contiguous
+/// too, but not row-major (for 1-D arrays the two coincide).
+fn contiguous<'a, T: numpy::Element, D: Dimension>(
+    a: &'a PyReadonlyArray<'_, T, D>,
     what: &str,
 ) -> PyResult<&'a [T]> {
-    a.as_slice()
-        .map_err(|_| PyValueError::new_err(format!("{what} must be a contiguous 1-D array")))
+    if !a.is_c_contiguous() {
+        return Err(not_c_order(what));
+    }
+    a.as_slice().map_err(|_| not_c_order(what))
 }
 
 /// `y[tok] += scale * (x[tok] . A rows) @ Bt rows` for every segment's tokens; `y` / `x` are
@@ -40,21 +52,13 @@ pub fn cpu_add_lora(
         stride,
         width,
     };
-    // C order only: a Fortran-ordered 2-D array is contiguous too, but not row-major.
-    if !x.is_c_contiguous() {
-        return Err(PyValueError::new_err("x must be a C-contiguous array"));
-    }
-    let x = x
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("x must be a C-contiguous array"))?;
+    let x = contiguous(&x, "x")?;
     let a_arena = contiguous(&a_arena, "a_arena")?;
     let bt_arena = contiguous(&bt_arena, "bt_arena")?;
     if !y.is_c_contiguous() {
-        return Err(PyValueError::new_err("y must be a C-contiguous array"));
+        return Err(not_c_order("y"));
     }
-    let y = y
-        .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("y must be a C-contiguous array"))?;
+    let y = y.as_slice_mut().map_err(|_| not_c_order("y"))?;
     py.detach(|| alora_cpu::add_lora(y, x, a_arena, pool(a), bt_arena, pool(bt), &seg))
         .map_err(|e| PyValueError::new_err(e.to_string()))
 }
