@@ -164,3 +164,42 @@ def test_pool_arguments_are_derived_once_per_view_and_dropped_with_it() -> None:
     assert len(backend._cache) == 3
     del kept
     assert not backend._cache
+
+
+def test_bound_call_adds_for_any_leading_shape_and_declines_what_the_kernel_cannot_take() -> None:
+    """`bind` prepares the kernel's call once; the call takes the linear's output and input as
+    they are ([1, T, out] / [1, T, in] in a model) and returns False, y untouched, for what
+    `add_lora` would send to torch; `bind` is None for pools or batches the kernel never
+    takes."""
+    x, y, a, bt, seg_tokens, ranks, rows, scales = small_problem()
+    batch = make_batch(seg_tokens, ranks, rows, scales)
+    backend = CpuBackend(max_seg_tokens=8, fallback=NoFallback())
+    call = backend.bind(a, bt, batch)
+    assert call is not None
+    want = oracle(y, x, a, bt, seg_tokens, rows, scales)
+    for _ in range(2):  # the same call, again on fresh tensors
+        got = y.clone()[None]
+        assert call(got, x[None]) is True
+        check_against_oracle(got[0], y, want, seg_tokens, 6)
+    declined = {
+        "float64 x": (y.clone(), x.double()),
+        "non-contiguous x": (y.clone(), torch.randn(8, 6).t()),
+        "y that requires grad": (y.clone().requires_grad_(), x),
+        "non-contiguous y": (torch.randn(5, 6).t(), x),
+    }
+    buf = torch.cat([a.reshape(-1), bt.reshape(-1), y.reshape(-1)])
+    a_in, bt_in = buf[: a.numel()].view_as(a), buf[a.numel() : a.numel() + bt.numel()].view_as(bt)
+    in_pool = backend.bind(a_in, bt_in, batch)
+    assert in_pool is not None
+    for name, (y_in, x_in) in [*declined.items(), ("y in a pool", (None, x))]:
+        fn = in_pool if y_in is None else call
+        y_in = buf[a.numel() + bt.numel() :].view_as(y) if y_in is None else y_in
+        before = y_in.detach().clone()
+        assert fn(y_in, x_in) is False, name
+        assert torch.equal(y_in.detach(), before), name
+    assert CpuBackend(max_seg_tokens=2).bind(a, bt, batch) is None  # a segment of 3 tokens
+    assert backend.bind(a.double(), bt.double(), batch) is None
+    empty = make_batch([[]], [2], [[1, 2]], [1.0])
+    got = y.clone()
+    assert backend.bind(a, bt, empty)(got, x) is True  # type: ignore[misc]
+    assert torch.equal(got, y)

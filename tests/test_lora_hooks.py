@@ -4,6 +4,7 @@ with no hooks at all, and the results are what the always-hooked model gave."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,3 +48,54 @@ def test_hooks_follow_the_step_targets(tmp_path: Path) -> None:
     finally:
         rt.detach()
     assert _hooked(model) == set()
+
+
+def test_each_site_binds_once_per_batch_and_declined_calls_take_add_lora(tmp_path: Path) -> None:
+    """A steady decode reuses its batches, so each hooked (layer, module) binds the kernel's
+    call once (`CpuBackend.bind`), not once per step; a new plan binds again. A bound call
+    that declines falls through to `add_lora`. Every form gives the torch reference's
+    tokens and logits."""
+    from alora.backend import TorchBackend
+    from alora.cpu_backend import CpuBackend
+
+    model = tiny_model("llama")
+    lora = make_peft_adapter(model, tmp_path / "qv", "lora", targets=("q_proj", "v_proj"))
+    prompts = [list(range(5, 25)), list(range(30, 41))]
+
+    class Counting(CpuBackend):
+        def __init__(self, decline: bool = False) -> None:
+            super().__init__()
+            self.decline = decline
+            self.binds = self.added = 0
+
+        def bind(self, *args: Any) -> Any:
+            self.binds += 1
+            call = super().bind(*args)
+            return (lambda y, x: False) if self.decline and call is not None else call
+
+        def add_lora(self, *args: Any) -> None:
+            self.added += 1
+            super().add_lora(*args)
+
+    def run(backend: Any) -> list[Any]:
+        rt = AdapterRuntime(model, lora_backend=backend)
+        try:
+            rt.load_adapter("qv", lora)
+            return rt.generate(prompts, "qv", max_new_tokens=6, return_logits=True)
+        finally:
+            rt.detach()
+
+    want = run(TorchBackend())
+    sites = 2 * model.config.num_hidden_layers  # q_proj and v_proj of every layer
+    counting, declining = Counting(), Counting(decline=True)
+    for backend in (counting, declining):
+        got = run(backend)
+        for g, w in zip(got, want, strict=True):
+            assert g.token_ids == w.token_ids
+            torch.testing.assert_close(torch.stack(g.logits), torch.stack(w.logits))
+    # Six steps (both prefills in one, then five decode steps): the prefill's plan binds
+    # every site, the first decode step's plan binds them again, and the four steady decode
+    # steps after it bind nothing.
+    assert counting.binds == 2 * sites
+    assert counting.added == 0  # every call went through the bound kernel
+    assert declining.added == 6 * sites  # declined: every hook call took add_lora

@@ -98,7 +98,7 @@ def _drain(rt: AdapterRuntime) -> dict[int, list[int]]:
     return done
 
 
-STAGES = ["page_in", "copy", "forward", "layer0", "layer1", "sampling", "commit"]
+STAGES = ["page_in", "copy", "forward", "kernel", "layer0", "layer1", "sampling", "commit"]
 
 
 def _inject(
@@ -151,6 +151,32 @@ def _inject(
                 real.add_lora(*args)
 
         monkeypatch.setattr(rt, "backend", Failing())
+    elif stage == "kernel":
+        # The hooks' bound kernel call (`CpuBackend.bind`): garbage in the linear's output,
+        # then the fault, half way through a module's LoRA add.
+        real = rt.backend
+        assert callable(getattr(real, "bind", None))
+
+        class FailingBound:
+            name = "failing-bound"
+
+            def bind(self, a_pool: Any, bt_pool: Any, batch: Any) -> Any:
+                call = real.bind(a_pool, bt_pool, batch)  # type: ignore[attr-defined]
+                if call is None:
+                    return None
+
+                def failing(y: torch.Tensor, x: torch.Tensor) -> bool:
+                    if once():
+                        y.fill_(5.0)
+                        raise fault
+                    return call(y, x)
+
+                return failing
+
+            def add_lora(self, *args: Any) -> None:
+                real.add_lora(*args)
+
+        monkeypatch.setattr(rt, "backend", FailingBound())
     elif stage.startswith("layer"):
         layer = rt.model.model.layers[int(stage[-1])]
 

@@ -240,7 +240,12 @@ def _progression(values: np.ndarray) -> tuple[int, int] | None:
 
 
 class LoraBackend(Protocol):
-    """Adds the LoRA delta of a batch in place."""
+    """Adds the LoRA delta of a batch in place.
+
+    Optional, looked up with getattr by the LoRA hooks: `bind(a_pool, bt_pool, batch)`, a
+    call `(y, x) -> bool` with every argument but the linear's output and input prepared
+    once (False: not done, y untouched; `cpu_backend.CpuBackend.bind`), and `fuse_groups`
+    (one shrink per layer for modules that read the same input; `kernels.CudaBackend`)."""
 
     name: str
 

@@ -13,6 +13,7 @@ chunks of more than 128 tokens) are matrix products, where torch's GEMMs win, so
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -34,11 +35,14 @@ def _arena(pool: torch.Tensor) -> np.ndarray:
 KernelPoolArgs = tuple[np.ndarray, tuple[int, int, int], np.ndarray, tuple[int, int, int]]
 
 
+Spans = tuple[tuple[int, int], tuple[int, int]]  # the A and Bt pools' storages, in bytes
+
+
 class _PoolArgs(NamedTuple):
     """What the kernel needs of one (A pool, Bt pool) pair, derived once per pair."""
 
     args: KernelPoolArgs | None  # None: the pools do not suit the kernel
-    spans: tuple[tuple[int, int], ...]  # byte ranges of the pools' storages: y in none of them
+    spans: Spans  # byte ranges of the pools' storages: y in none of them
     refs: tuple[weakref.ref, weakref.ref]  # keep the callbacks that drop the entry alive
 
 
@@ -66,10 +70,9 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 _F32 = torch.float32
 
 
-def _io_ok(y: torch.Tensor, x: torch.Tensor, spans: tuple[tuple[int, int], ...]) -> bool:
-    """Runs once per hook, so only attribute reads: no storage object per call (the pools'
-    spans are derived once); with y and x passed as they are, the backend's host time per
-    call fell from 5.0 to 3.5 us (rank-1 microbenchmark)."""
+def _io_ok(y: torch.Tensor, x: torch.Tensor, spans: Spans) -> bool:
+    """Whether y and x suit the kernel as they are. Runs once per hook, so attribute reads
+    only: no storage object per call (the pools' spans are derived once)."""
     if not (
         y.dtype is _F32
         and x.dtype is _F32
@@ -81,7 +84,11 @@ def _io_ok(y: torch.Tensor, x: torch.Tensor, spans: tuple[tuple[int, int], ...])
     ):
         return False
     p = y.data_ptr()
-    return not any(lo <= p < hi for lo, hi in spans)
+    (a_lo, a_hi), (b_lo, b_hi) = spans
+    return not (a_lo <= p < a_hi or b_lo <= p < b_hi)
+
+
+BoundLora = Callable[[torch.Tensor, torch.Tensor], bool]
 
 
 class CpuBackend:
@@ -121,6 +128,34 @@ class CpuBackend:
             )
         return entry
 
+    def bind(
+        self, a_pool: torch.Tensor, bt_pool: torch.Tensor, batch: LoraBatch
+    ) -> BoundLora | None:
+        """The kernel's call for this pool pair and batch with every argument but y and x
+        made once (None: the kernel does not take them): `call(y, x)` adds the delta to y,
+        the linear's output, for its input x, both of any leading shape, and returns True,
+        or returns False with y untouched when y or x does not suit the kernel as it is.
+
+        A LoRA hook binds once per (layer, module, batch), and a steady decode reuses its
+        batches from step to step, so a decode step's hooks skip the per-call lookups,
+        reshapes and conversions of `add_lora` (issue #12: host time per hook)."""
+        if batch.num_active == 0:
+            return _added
+        pools = self._pools(a_pool, bt_pool)
+        if pools.args is None or batch.max_seg_tokens > self.max_seg_tokens:
+            return None
+        args = (*pools.args, *batch.cpu_segments)
+        spans = pools.spans
+
+        def call(y: torch.Tensor, x: torch.Tensor) -> bool:
+            if not _io_ok(y, x, spans):
+                return False
+            # Inside the runtime's steps (inference mode) x needs no detach.
+            _core.cpu_add_lora(y.numpy(), (x.detach() if x.requires_grad else x).numpy(), *args)
+            return True
+
+        return call
+
     def add_lora(
         self,
         y: torch.Tensor,
@@ -129,21 +164,11 @@ class CpuBackend:
         bt_pool: torch.Tensor,
         batch: LoraBatch,
     ) -> None:
-        if batch.num_active == 0:
-            return
-        pools = self._pools(a_pool, bt_pool)
-        if (
-            pools.args is None
-            or batch.max_seg_tokens > self.max_seg_tokens
-            or not _io_ok(y, x, pools.spans)
-        ):
+        call = self.bind(a_pool, bt_pool, batch)
+        if call is None or not call(y, x):
             self.fallback.add_lora(y, x, a_pool, bt_pool, batch)
-            return
-        # 2-D arrays as they are (the kernel reads any C-contiguous array flat); inside the
-        # runtime's steps (inference mode) x needs no detach.
-        _core.cpu_add_lora(
-            y.numpy(),
-            (x.detach() if x.requires_grad else x).numpy(),
-            *pools.args,
-            *batch.cpu_segments,
-        )
+
+
+def _added(y: torch.Tensor, x: torch.Tensor) -> bool:
+    """The bound call of a batch without tokens: nothing to add."""
+    return True

@@ -425,6 +425,10 @@ class LoraHooks:
 
 
 def _make_hook(owner: object, layer: int, name: str, group: tuple[str, ...] = ()) -> Any:
+    # The backend's bound call for this site (`bind`), kept with the batch, backend and pools
+    # it was made for: a steady decode reuses its batches, so each site binds once per plan.
+    bound: list[Any] = [None, None, None, None]  # batch, backend, pools, call (None: none)
+
     def hook(
         module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor
     ) -> torch.Tensor | None:
@@ -435,15 +439,25 @@ def _make_hook(owner: object, layer: int, name: str, group: tuple[str, ...] = ()
         if batch is None:
             return None
         x = args[0] if args else kwargs["input"]
+        backend = ctx.backend
+        pools = ctx.pools
+        if bound[0] is not batch or bound[1] is not backend or bound[2] is not pools:
+            bind = getattr(backend, "bind", None)
+            call = (
+                None
+                if bind is None
+                else bind(pools.a_layers[name][layer], pools.bt_layers[name][layer], batch)
+            )
+            bound[:] = batch, backend, pools, call
+        call = bound[3]
+        if call is not None and call(output, x):
+            return output
         x2d = x.reshape(-1, x.shape[-1])
         y2d = output.view(-1, output.shape[-1])  # a view, so the in-place add reaches output
-        fuse = bool(group) and getattr(ctx.backend, "fuse_groups", False)
+        fuse = bool(group) and getattr(backend, "fuse_groups", False)
         if fuse and _fused_add(ctx, layer, name, group, x, x2d, y2d, batch):
             return output
-        pools = ctx.pools
-        ctx.backend.add_lora(
-            y2d, x2d, pools.a_layers[name][layer], pools.bt_layers[name][layer], batch
-        )
+        backend.add_lora(y2d, x2d, pools.a_layers[name][layer], pools.bt_layers[name][layer], batch)
         return output
 
     return hook
