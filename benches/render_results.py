@@ -352,6 +352,30 @@ def decode_profile(d: dict[str, Any]) -> list[str]:
     ]
 
 
+def hook(d: dict[str, Any]) -> list[str]:
+    """Host time of one LoRA hook call, bound vs generic path (bench_hook.py)."""
+    sh = d["shape"]
+    rows = [f"| {k} | {_f(v, '.2f')} |" for k, v in d["us_per_call"].items()]
+    ratio = d["bound_over_add_lora"]
+    return [
+        "### One LoRA hook call on the CPU (`bench_hook.py`)",
+        "",
+        _prov(d),
+        "",
+        f"Warm, 1 thread, {sh['adapters']} one-token segments of rank {sh['rank']},"
+        f" {sh['features']} -> {sh['features']} (rows in cache); best of {d['repeats']}"
+        f" repeats of {d['calls']} calls. The hook with the backend's bound call (the"
+        " runtime's path) vs a backend without `bind` (reshape, view, `add_lora`): bound /"
+        f" generic {_f(ratio['no-op'], '.2f')}x of the host time,"
+        f" {_f(ratio['running'], '.2f')}x with the kernel running.",
+        "",
+        "| form | us per call |",
+        "|---|---:|",
+        *rows,
+        "",
+    ]
+
+
 def memory(d: dict[str, Any]) -> list[str]:
     from bench_memory import markdown  # the bench owns its section's layout
 
@@ -368,6 +392,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "cpu_kernel": cpu_kernel,
     "decode_profile": decode_profile,
     "decode_profile_smollm2": decode_profile,
+    "hook": hook,
     "core_scheduler": core,
 }
 
