@@ -12,9 +12,7 @@ The shape is one SmolLM2 q_proj in a 16-adapter decode step: 16 one-token segmen
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runtime import KernelProbe
-from results_meta import write_result
+from results_meta import smoke_dir, write_result
 
 from alora.backend import LoraBatch
 from alora.cpu_backend import CpuBackend
@@ -111,10 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "us_per_call": us,
             "bound_over_add_lora": ratio,
         },
-        # A smoke run never overwrites the committed results (ALORA_RESULTS_DIR still wins).
-        None
-        if not a.quick or "ALORA_RESULTS_DIR" in os.environ
-        else Path(tempfile.mkdtemp(prefix="alora-bench-")),
+        smoke_dir(a.quick),
     )
     print(f"wrote {path}")
     return 0

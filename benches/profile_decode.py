@@ -19,7 +19,6 @@ stream). The kernel's read rate is the step's adapter-row bytes over the time in
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runtime import INVOCATION, PROMPT_LOW, TAIL, KernelProbe, _lora_bytes_per_step
-from results_meta import write_result
+from results_meta import smoke_dir, write_result
 
 import alora
 from alora.testing import make_peft_adapter
@@ -157,10 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "lora_mb_per_step": lora_bytes / 1e6,
             "percentiles": table,
         },
-        # A smoke run never overwrites the committed results (ALORA_RESULTS_DIR still wins).
-        None
-        if not a.quick or "ALORA_RESULTS_DIR" in os.environ
-        else Path(tempfile.mkdtemp(prefix="alora-bench-")),
+        smoke_dir(a.quick),
     )
     print(f"wrote {path}")
     return 0

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,15 @@ def provenance() -> dict[str, Any]:
         "commit": _git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else ""),
         "machine": machine(),
     }
+
+
+def smoke_dir(quick: bool) -> Path | None:
+    """`write_result`'s out_dir for a run: a fresh temp dir for a smoke (`--quick`) run, so it
+    never overwrites the committed results, unless ALORA_RESULTS_DIR names a folder; None
+    (the default) otherwise."""
+    if not quick or "ALORA_RESULTS_DIR" in os.environ:
+        return None
+    return Path(tempfile.mkdtemp(prefix="alora-bench-"))
 
 
 def write_result(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
