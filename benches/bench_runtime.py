@@ -305,14 +305,19 @@ def _read_rate(nbytes: int, repeats: int = 9) -> float:
 class KernelProbe:
     """`alora._core` as the CPU backend sees it while installed (`with probe:`), with the LoRA
     kernel's calls run as they are (`mode` "run"), skipped ("skip": every other piece of the
-    adapter path still runs) or timed ("time": CPU seconds inside the calls, argument
-    conversion included, add up in `inside`). `calls` counts them in every mode."""
+    adapter path still runs), timed ("time": CPU seconds inside the calls, argument
+    conversion included, add up in `inside`) or replaced by a plain read of as many bytes as
+    the call's rows ("read": `torch.sum` over the next run of `read_buffer`, which a step's
+    calls go through once, in order: what reading these bytes costs at a contiguous stream's
+    rate, whatever the kernel). `calls` counts them in every mode."""
 
     def __init__(self, mode: str = "run") -> None:
         self.core = alora.cpu_backend._core
         self.mode = mode
         self.inside = 0.0
         self.calls = 0
+        self.read_buffer = torch.empty(0)
+        self._read_at = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.core, name)
@@ -320,6 +325,9 @@ class KernelProbe:
     def cpu_add_lora(self, *args: Any) -> None:
         self.calls += 1
         if self.mode == "skip":
+            return
+        if self.mode == "read":
+            self._read(args)
             return
         if self.mode != "time":
             self.core.cpu_add_lora(*args)
@@ -329,6 +337,19 @@ class KernelProbe:
             self.core.cpu_add_lora(*args)
         finally:
             self.inside += time.process_time() - t
+
+    def _read(self, args: tuple[Any, ...]) -> None:
+        # (y, x, a_arena, a pool, bt_arena, bt pool, segments, scales): every A and Bt row of
+        # the call once, `segments[1]` rows of each (pools are (offset, stride, width)).
+        _y, _x, _aa, a, _ba, bt, segments, _scale = args
+        n = int(segments[1]) * (a[2] + bt[2])
+        buf = self.read_buffer
+        if n > buf.numel():
+            raise ValueError(f"read_buffer holds {buf.numel()} elements, a call reads {n}")
+        if self._read_at + n > buf.numel():
+            self._read_at = 0
+        buf[self._read_at : self._read_at + n].sum()
+        self._read_at += n
 
     def __enter__(self) -> KernelProbe:
         alora.cpu_backend._core = self  # type: ignore[assignment]

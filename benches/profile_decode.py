@@ -1,16 +1,23 @@
 """Where a multi-adapter decode step's time goes (issue #12's profile of its 16-adapter
-target): the same 16 requests decoded, runs interleaved, in four forms:
+target): the same 16 requests decoded in five forms:
 
 - base: no adapters;
 - adapters: 16 distinct rank-16 adapters (half aLoRA, half LoRA), as `bench_runtime.py`;
 - no kernel: the same, with the CPU LoRA kernel's call replaced by a no-op (every other
   piece of the adapter path still runs: plans, batches, hooks, argument checks);
-- timed: the same as adapters, with the kernel's calls timed from inside the step.
+- timed: the same as adapters, with the kernel's calls timed from inside the step;
+- read only: the same as no kernel, plus a plain `torch.sum` over as many bytes as each
+  kernel call's rows, read as one contiguous run: what the rows' bytes alone cost a step at
+  a stream's read rate, after-effect on the caches included, whatever the kernel does.
 
-From per-step CPU times (percentiles over every step of every round): host = no kernel -
-base; kernel = adapters - no kernel, of which the time inside the kernel's calls (timed)
-and the rest, the base ops after them running slower (their data evicted by the rows'
-stream). The kernel's read rate is the step's adapter-row bytes over the time inside it.
+Base runs alternate with adapter runs; inside an adapter run the four adapter forms take
+turns step by step (order shuffled per round), so they see the same batch, the same cache
+lengths and the same machine noise. From per-step CPU times (percentiles over every step of
+every round): host = no kernel - base; kernel = adapters - no kernel, of which the time inside
+the kernel's calls (timed) and the rest, the base ops after them running slower (their data
+evicted by the rows' stream); read floor = read only - no kernel. The kernel's read rate is
+the step's adapter-row bytes over the time inside it; base / read only is the ratio a kernel
+as fast as a plain stream read would give.
 
     python benches/profile_decode.py                     # demo model
     python benches/profile_decode.py --model smollm2 --name decode_profile_smollm2
@@ -35,29 +42,43 @@ from results_meta import smoke_dir, write_result
 import alora
 from alora.testing import make_peft_adapter
 
-# How each form runs the kernel's calls (`KernelProbe.mode`).
-MODES = {"base": "run", "adapters": "run", "no kernel": "skip", "timed": "time"}
+# How each form runs the kernel's calls (`KernelProbe.mode`); every form but base takes turns
+# step by step inside the same adapter runs.
+MODES = {
+    "base": "run",
+    "adapters": "run",
+    "no kernel": "skip",
+    "timed": "time",
+    "read only": "read",
+}
 FORMS = tuple(MODES)
+ADAPTER_FORMS = FORMS[1:]
 
 
 def _steps(
     rt: alora.AdapterRuntime, prompts: Sequence[list[int]], adapters: Sequence[str | None],
-    tokens: int, probe: KernelProbe,
-) -> tuple[list[float], list[float]]:  # fmt: skip
-    """Prefill every request, then per decode step: (CPU seconds, seconds inside the kernel)."""
+    forms: Sequence[str], steps: int, probe: KernelProbe,
+) -> dict[str, tuple[list[float], list[float]]]:  # fmt: skip
+    """Prefill every request, then decode `steps` steps, step i in form `forms[i % len]`:
+    per form, (CPU seconds per step, seconds inside the kernel per step)."""
     for p, a in zip(prompts, adapters, strict=True):
-        rt.add_request(p, adapter=a, max_new_tokens=tokens, stop_token_ids=())
+        rt.add_request(p, adapter=a, max_new_tokens=steps + 1, stop_token_ids=())
+    probe.mode = "run"
     started: set[int] = set()
     while len(started) < len(prompts):
         started |= {o.request_id for o in rt.step() if o.new_token is not None}
-    cpu, inside = [], []
+    out: dict[str, tuple[list[float], list[float]]] = {f: ([], []) for f in forms}
+    i = 0
     while rt.has_unfinished():
+        form = forms[i % len(forms)]
+        probe.mode = MODES[form]
         probe.inside = 0.0
         t = time.process_time()
         rt.step()
-        cpu.append(time.process_time() - t)
-        inside.append(probe.inside)
-    return cpu, inside
+        out[form][0].append(time.process_time() - t)
+        out[form][1].append(probe.inside)
+        i += 1
+    return out
 
 
 def _pct(v: list[float], q: float) -> float:
@@ -70,8 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--adapters", type=int, default=16)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens per request")
-    ap.add_argument("--tokens", type=int, default=24, help="decode tokens per request per run")
-    ap.add_argument("--rounds", type=int, default=12, help="interleaved rounds of the 4 forms")
+    ap.add_argument(
+        "--tokens", type=int, default=6, help="decode steps per form per round (each request)"
+    )
+    ap.add_argument("--rounds", type=int, default=40, help="rounds of a base and an adapter run")
     ap.add_argument("--name", default="decode_profile")
     ap.add_argument(
         "--quick", action="store_true", help="tiny model and sizes, results to a temp dir"
@@ -106,22 +129,28 @@ def main(argv: Sequence[str] | None = None) -> int:
          *map(int, rng.integers(PROMPT_LOW, vocab, size=TAIL))]
         for _ in range(a.adapters)
     ]  # fmt: skip
+    lora_bytes = _lora_bytes_per_step(model, a.rank, a.adapters)
     cpu: dict[str, list[float]] = {f: [] for f in FORMS}
     inside: list[float] = []
+    # Each adapter form gets `tokens` steps per round; the base run decodes as many steps as
+    # an adapter run, so both see the same cache lengths.
+    steps_per_run = a.tokens * len(ADAPTER_FORMS)
+    order = np.random.default_rng(11)
     try:
         with KernelProbe() as probe:
+            probe.read_buffer = torch.ones(lora_bytes // 4)
             for r in range(a.rounds + 1):  # round 0 warms up, unrecorded
-                for form in FORMS if r % 2 else FORMS[::-1]:
-                    probe.mode = MODES[form]
-                    adapters = [None] * len(prompts) if form == "base" else names
-                    steps, ins = _steps(rt, prompts, adapters, a.tokens, probe)
+                turns = tuple(str(f) for f in order.permutation(ADAPTER_FORMS))
+                runs = [(("base",), [None] * len(prompts)), (turns, names)]
+                for forms, adapters in runs if r % 2 else runs[::-1]:
+                    got = _steps(rt, prompts, adapters, forms, steps_per_run, probe)
                     if r:
-                        cpu[form] += steps
-                        if form == "timed":
-                            inside += ins
+                        for form, (steps, ins) in got.items():
+                            cpu[form] += steps
+                            if form == "timed":
+                                inside += ins
     finally:
         rt.detach()
-    lora_bytes = _lora_bytes_per_step(model, a.rank, a.adapters)
     table: dict[str, dict[str, float]] = {}
     for q in (10, 25, 50):
         s = {f: _pct(cpu[f], q) for f in FORMS}
@@ -132,7 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "kernel_ms": (s["adapters"] - s["no kernel"]) * 1e3,
             "kernel_inside_ms": k_in * 1e3,
             "after_kernel_ms": (s["adapters"] - s["no kernel"] - k_in) * 1e3,
+            "read_floor_ms": (s["read only"] - s["no kernel"]) * 1e3,
             "adapters_over_base": s["base"] / s["adapters"],
+            "read_only_over_base": s["base"] / s["read only"],
             "kernel_gb_s": lora_bytes / k_in / 1e9 if k_in > 0 else float("nan"),
         }
     for q, row in table.items():
@@ -140,7 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{q}: base {row['base_ms']:.2f} ms, adapters {row['adapters_ms']:.2f} ms "
             f"(ratio {row['adapters_over_base']:.3f}x): host {row['host_ms']:.2f} ms, kernel "
             f"{row['kernel_ms']:.2f} ms = {row['kernel_inside_ms']:.2f} inside "
-            f"({row['kernel_gb_s']:.1f} GB/s) + {row['after_kernel_ms']:.2f} after"
+            f"({row['kernel_gb_s']:.1f} GB/s) + {row['after_kernel_ms']:.2f} after; "
+            f"read floor {row['read_floor_ms']:.2f} ms (read only "
+            f"{row['read_only_over_base']:.3f}x)"
         )
     path = write_result(
         a.name,

@@ -332,21 +332,29 @@ def decode_profile(d: dict[str, Any]) -> list[str]:
         f"| {q} | {_f(r['base_ms'], '.2f')} | {_f(r['adapters_ms'], '.2f')}"
         f" | {_f(r['adapters_over_base'], '.3f')}x | {_f(r['host_ms'], '.2f')}"
         f" | {_f(r['kernel_inside_ms'], '.2f')} ({_f(r['kernel_gb_s'], '.1f')} GB/s)"
-        f" | {_f(r['after_kernel_ms'], '.2f')} |"
+        f" | {_f(r['after_kernel_ms'], '.2f')} | {_f(r.get('read_floor_ms'), '.2f')}"
+        f" | {_f(r.get('read_only_over_base'), '.3f')}x |"
         for q, r in d["percentiles"].items()
     ]
+    steps = d["steps_per_form"]
     return [
         f"### Where a {d['adapters']}-adapter decode step goes: {d['model']} (`profile_decode.py`)",
         "",
         _prov(d),
         "",
-        f"Per-step CPU ms over {d['steps_per_form']['base']} steps per form, forms interleaved:"
-        " base; adapters; host = adapters with the kernel call a no-op, minus base; the"
-        f" kernel's time inside its calls ({_f(d['lora_mb_per_step'], '.1f')} MB of rows per"
-        " step) and after them (the base ops that follow, slower on the evicted caches).",
+        f"Per-step CPU ms, {steps['base']} base steps and {steps['adapters']} per adapter form"
+        " (the adapter forms take turns step by step in the same runs): base; adapters; host"
+        " = adapters with the kernel call a no-op, minus base (in runs whose other steps read"
+        " rows, so it carries what those reads leave in the caches); the kernel's time inside its"
+        f" calls ({_f(d['lora_mb_per_step'], '.1f')} MB of rows per step) and after them (the"
+        " base ops that follow, slower on the evicted caches); read floor = each kernel call"
+        " replaced by a plain `torch.sum` over as many contiguous bytes, minus the no-op form:"
+        " what the rows' bytes alone cost at a stream's rate; read only = base over that form"
+        " (host time included), the ratio a kernel as fast as a plain read would reach.",
         "",
-        "| percentile | base | adapters | ratio | host | kernel inside | after kernel |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| percentile | base | adapters | ratio | host | kernel inside | after kernel"
+        " | read floor | read only |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
     ]

@@ -1,5 +1,7 @@
-"""Smoke test of benches/profile_decode.py on a tiny model: every form runs the same number
-of decode steps, the timed form really calls the CPU kernel, and the breakdown adds up."""
+"""Smoke test of benches/profile_decode.py on a tiny model: the adapter forms take the same
+number of steps, the base runs as many as an adapter run, the timed form really calls the
+CPU kernel, and the breakdown adds up; and the probe's read form reads as many bytes as the
+call's rows."""
 
 from __future__ import annotations
 
@@ -7,10 +9,13 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
 import profile_decode
+from bench_runtime import KernelProbe
 
 
 def test_profile_runs_every_form_and_times_the_kernel(
@@ -19,8 +24,10 @@ def test_profile_runs_every_form_and_times_the_kernel(
     monkeypatch.setenv("ALORA_RESULTS_DIR", str(tmp_path))
     assert profile_decode.main(["--quick", "--name", "profile_smoke"]) == 0
     out = json.loads((tmp_path / "profile_smoke.json").read_text())
-    counts = set(out["steps_per_form"].values())
-    assert len(counts) == 1 and counts.pop() > 0
+    steps = out["steps_per_form"]
+    per_form = {steps[f] for f in profile_decode.ADAPTER_FORMS}
+    assert len(per_form) == 1 and per_form.pop() > 0
+    assert steps["base"] == sum(steps[f] for f in profile_decode.ADAPTER_FORMS)
     import alora.cpu_backend
     from alora import _core
 
@@ -30,3 +37,26 @@ def test_profile_runs_every_form_and_times_the_kernel(
         parts = row["kernel_inside_ms"] + row["after_kernel_ms"]
         assert parts == pytest.approx(row["kernel_ms"])
         assert row["base_ms"] + row["host_ms"] == pytest.approx(row["no kernel_ms"])
+        floor = row["no kernel_ms"] + row["read_floor_ms"]
+        assert floor == pytest.approx(row["read only_ms"])
+
+
+def _call_args(rows: int, a_width: int, bt_width: int) -> tuple:
+    segments = np.array([1, rows, 0, 0, 1, 0, rows, *range(rows), *range(rows)], np.int64)
+    empty = np.zeros(0, np.float32)
+    return (empty, empty, empty, (0, a_width, a_width), empty, (0, bt_width, bt_width),
+            segments, np.ones(1, np.float32))  # fmt: skip
+
+
+def test_read_form_reads_the_calls_bytes_in_turn_and_refuses_a_short_buffer() -> None:
+    probe = KernelProbe("read")
+    probe.read_buffer = torch.ones(100)
+    probe.cpu_add_lora(*_call_args(2, 10, 20))  # 2 rows of 10 + 20 elements
+    assert probe._read_at == 60
+    probe.cpu_add_lora(*_call_args(1, 10, 20))  # 30 more: ends at 90
+    assert probe._read_at == 90
+    probe.cpu_add_lora(*_call_args(1, 10, 10))  # 20 do not fit after 90: starts over
+    assert probe._read_at == 20
+    with pytest.raises(ValueError, match="read_buffer"):
+        probe.cpu_add_lora(*_call_args(4, 10, 20))
+    assert probe.calls == 4
