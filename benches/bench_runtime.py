@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import statistics
@@ -309,7 +310,9 @@ class KernelProbe:
     conversion included, add up in `inside`) or replaced by a plain read of as many bytes as
     the call's rows ("read": `torch.sum` over the next run of `read_buffer`, which a step's
     calls go through once, in order: what reading these bytes costs at a contiguous stream's
-    rate, whatever the kernel). `calls` counts them in every mode."""
+    rate, whatever the kernel) or sent to another build's `_core` ("other": `other`, a module
+    `load_core` loaded, for A/B runs of two builds of the kernel in one process). `calls`
+    counts them in every mode."""
 
     def __init__(self, mode: str = "run") -> None:
         self.core = alora.cpu_backend._core
@@ -318,6 +321,7 @@ class KernelProbe:
         self.calls = 0
         self.read_buffer = torch.empty(0)
         self._read_at = 0
+        self.other: Any = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.core, name)
@@ -328,6 +332,9 @@ class KernelProbe:
             return
         if self.mode == "read":
             self._read(args)
+            return
+        if self.mode == "other":
+            self.other.cpu_add_lora(*args)
             return
         if self.mode != "time":
             self.core.cpu_add_lora(*args)
@@ -357,6 +364,18 @@ class KernelProbe:
 
     def __exit__(self, *exc: object) -> None:
         alora.cpu_backend._core = self.core
+
+
+def load_core(path: str | Path) -> Any:
+    """Another build of `alora._core` (the file of its extension module, copied out of that
+    build's tree), loaded beside this one under another name: both builds' functions can be
+    called in one process."""
+    spec = importlib.util.spec_from_file_location("alora_other_build._core", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"{path} is not a loadable extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _kernel_time_per_step(

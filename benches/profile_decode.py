@@ -21,6 +21,11 @@ as fast as a plain stream read would give.
 
     python benches/profile_decode.py                     # demo model
     python benches/profile_decode.py --model smollm2 --name decode_profile_smollm2
+
+With `--other-core FILE` (another build's `_core` extension module, copied out of its tree)
+a sixth form, "other build", takes its turns with the adapter forms, its kernel calls sent to
+that build: an A/B of two kernels in the same steps, which this machine's drift between runs
+would otherwise swamp.
 """
 
 from __future__ import annotations
@@ -36,7 +41,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_runtime import INVOCATION, PROMPT_LOW, TAIL, KernelProbe, _lora_bytes_per_step
+from bench_runtime import (
+    INVOCATION,
+    PROMPT_LOW,
+    TAIL,
+    KernelProbe,
+    _lora_bytes_per_step,
+    load_core,
+)
 from results_meta import smoke_dir, write_result
 
 import alora
@@ -50,9 +62,9 @@ MODES = {
     "no kernel": "skip",
     "timed": "time",
     "read only": "read",
+    "other build": "other",
 }
-FORMS = tuple(MODES)
-ADAPTER_FORMS = FORMS[1:]
+ADAPTER_FORMS = ("adapters", "no kernel", "timed", "read only")
 
 
 def _steps(
@@ -96,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--rounds", type=int, default=40, help="rounds of a base and an adapter run")
     ap.add_argument("--name", default="decode_profile")
+    ap.add_argument("--other-core", help="another build's _core module file: an A/B form")
     ap.add_argument(
         "--quick", action="store_true", help="tiny model and sizes, results to a temp dir"
     )
@@ -130,17 +143,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         for _ in range(a.adapters)
     ]  # fmt: skip
     lora_bytes = _lora_bytes_per_step(model, a.rank, a.adapters)
-    cpu: dict[str, list[float]] = {f: [] for f in FORMS}
+    adapter_forms = ADAPTER_FORMS + (("other build",) if a.other_core else ())
+    forms_all = ("base", *adapter_forms)
+    cpu: dict[str, list[float]] = {f: [] for f in forms_all}
     inside: list[float] = []
     # Each adapter form gets `tokens` steps per round; the base run decodes as many steps as
     # an adapter run, so both see the same cache lengths.
-    steps_per_run = a.tokens * len(ADAPTER_FORMS)
+    steps_per_run = a.tokens * len(adapter_forms)
     order = np.random.default_rng(11)
     try:
         with KernelProbe() as probe:
             probe.read_buffer = torch.ones(lora_bytes // 4)
+            if a.other_core:
+                probe.other = load_core(a.other_core)
             for r in range(a.rounds + 1):  # round 0 warms up, unrecorded
-                turns = tuple(str(f) for f in order.permutation(ADAPTER_FORMS))
+                turns = tuple(str(f) for f in order.permutation(adapter_forms))
                 runs = [(("base",), [None] * len(prompts)), (turns, names)]
                 for forms, adapters in runs if r % 2 else runs[::-1]:
                     got = _steps(rt, prompts, adapters, forms, steps_per_run, probe)
@@ -153,10 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rt.detach()
     table: dict[str, dict[str, float]] = {}
     for q in (10, 25, 50):
-        s = {f: _pct(cpu[f], q) for f in FORMS}
+        s = {f: _pct(cpu[f], q) for f in forms_all}
         k_in = _pct(inside, q)
         table[f"p{q}"] = {
-            **{f"{f}_ms": s[f] * 1e3 for f in FORMS},
+            **{f"{f}_ms": s[f] * 1e3 for f in forms_all},
             "host_ms": (s["no kernel"] - s["base"]) * 1e3,
             "kernel_ms": (s["adapters"] - s["no kernel"]) * 1e3,
             "kernel_inside_ms": k_in * 1e3,
@@ -166,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "read_only_over_base": s["base"] / s["read only"],
             "kernel_gb_s": lora_bytes / k_in / 1e9 if k_in > 0 else float("nan"),
         }
+        if a.other_core:
+            table[f"p{q}"]["other_kernel_ms"] = (s["other build"] - s["no kernel"]) * 1e3
     for q, row in table.items():
         print(
             f"{q}: base {row['base_ms']:.2f} ms, adapters {row['adapters_ms']:.2f} ms "
@@ -175,6 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"read floor {row['read_floor_ms']:.2f} ms (read only "
             f"{row['read_only_over_base']:.3f}x)"
         )
+        if a.other_core:
+            print(
+                f"{q}: kernel over the no-op form: this build {row['kernel_ms']:.2f} ms, "
+                f"other build {row['other_kernel_ms']:.2f} ms"
+            )
     path = write_result(
         a.name,
         {
@@ -185,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "torch_threads": 1,
             "adapters": a.adapters,
             "rank": a.rank,
-            "steps_per_form": {f: len(cpu[f]) for f in FORMS},
+            "other_core": a.other_core,
+            "steps_per_form": {f: len(cpu[f]) for f in forms_all},
             "lora_mb_per_step": lora_bytes / 1e6,
             "percentiles": table,
         },

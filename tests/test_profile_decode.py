@@ -6,6 +6,7 @@ call's rows."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,6 +40,42 @@ def test_profile_runs_every_form_and_times_the_kernel(
         assert row["base_ms"] + row["host_ms"] == pytest.approx(row["no kernel_ms"])
         floor = row["no kernel_ms"] + row["read_floor_ms"]
         assert floor == pytest.approx(row["read only_ms"])
+
+
+def test_other_build_takes_its_turns_and_gets_the_kernel_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from alora import _core
+
+    # A copy of this build stands in for another one (the same file path would be the same
+    # module to the loader).
+    other = tmp_path / "other" / Path(_core.__file__).name
+    other.parent.mkdir()
+    shutil.copyfile(_core.__file__, other)
+    monkeypatch.setenv("ALORA_RESULTS_DIR", str(tmp_path))
+    args = ["--quick", "--name", "ab_smoke", "--other-core", str(other)]
+    assert profile_decode.main(args) == 0
+    out = json.loads((tmp_path / "ab_smoke.json").read_text())
+    steps = out["steps_per_form"]
+    assert steps["other build"] == steps["adapters"] > 0
+    assert steps["base"] == sum(v for k, v in steps.items() if k != "base")
+    for row in out["percentiles"].values():
+        kernel = row["other build_ms"] - row["no kernel_ms"]
+        assert row["other_kernel_ms"] == pytest.approx(kernel)
+
+
+def test_other_mode_calls_the_other_module() -> None:
+    class Other:
+        def __init__(self) -> None:
+            self.args: tuple = ()
+
+        def cpu_add_lora(self, *args: object) -> None:
+            self.args = args
+
+    probe = KernelProbe("other")
+    probe.other = Other()
+    probe.cpu_add_lora(*_call_args(1, 4, 4))
+    assert len(probe.other.args) == 8 and probe.calls == 1
 
 
 def _call_args(rows: int, a_width: int, bt_width: int) -> tuple:
