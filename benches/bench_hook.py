@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runtime import KernelProbe
-from results_meta import smoke_dir, write_result
+from results_meta import command_line, smoke_dir, write_result
 
 from alora.backend import LoraBatch
 from alora.cpu_backend import CpuBackend
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "hook",
         {
             "bench": "bench_hook.py",
-            "command": " ".join(["python", "benches/bench_hook.py", *(argv or sys.argv[1:])]),
+            "command": command_line("bench_hook.py", argv),
             "quick": bool(a.quick),
             "torch_threads": 1,
             "shape": {"features": d, "adapters": n, "rank": r, "tokens": n},

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_meta import RESULTS, write_result
+from results_meta import RESULTS, command_line, write_result
 
 import alora
 import alora.cpu_backend
@@ -678,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "torch_threads": torch.get_num_threads(),
         "quick": bool(args.quick),
-        "command": " ".join(["python", "benches/bench_runtime.py", *sys.argv[1:]]),
+        "command": command_line("bench_runtime.py"),
     }
     t0 = time.perf_counter()
     load0 = _loadavg()

@@ -49,7 +49,7 @@ from bench_runtime import (
     _lora_bytes_per_step,
     load_core,
 )
-from results_meta import smoke_dir, write_result
+from results_meta import command_line, smoke_dir, write_result
 
 import alora
 from alora.testing import make_peft_adapter
@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.name,
         {
             "bench": "profile_decode.py",
-            "command": " ".join(["python", "benches/profile_decode.py", *(argv or sys.argv[1:])]),
+            "command": command_line("profile_decode.py", argv),
             "model": "tiny-granite" if a.quick else (a.model or "demo-granite"),
             "quick": bool(a.quick),
             "torch_threads": 1,

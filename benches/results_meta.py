@@ -8,7 +8,9 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,12 @@ def provenance() -> dict[str, Any]:
         "commit": _git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else ""),
         "machine": machine(),
     }
+
+
+def command_line(script: str, argv: Sequence[str] | None = None) -> str:
+    """The command a result records: `python benches/<script>` and its arguments (`argv`,
+    else the process's own)."""
+    return " ".join(["python", f"benches/{script}", *(argv or sys.argv[1:])])
 
 
 def smoke_dir(quick: bool) -> Path | None:
