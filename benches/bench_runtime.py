@@ -678,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "torch_threads": torch.get_num_threads(),
         "quick": bool(args.quick),
-        "command": command_line("bench_runtime.py"),
+        "command": command_line("bench_runtime.py", argv),
     }
     t0 = time.perf_counter()
     load0 = _loadavg()

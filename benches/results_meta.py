@@ -60,7 +60,7 @@ def provenance() -> dict[str, Any]:
 def command_line(script: str, argv: Sequence[str] | None = None) -> str:
     """The command a result records: `python benches/<script>` and its arguments (`argv`,
     else the process's own)."""
-    return " ".join(["python", f"benches/{script}", *(argv or sys.argv[1:])])
+    return " ".join(["python", f"benches/{script}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def smoke_dir(quick: bool) -> Path | None:

@@ -97,3 +97,12 @@ def test_read_form_reads_the_calls_bytes_in_turn_and_refuses_a_short_buffer() ->
     with pytest.raises(ValueError, match="read_buffer"):
         probe.cpu_add_lora(*_call_args(4, 10, 20))
     assert probe.calls == 4
+
+
+def test_a_result_records_the_arguments_it_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    from results_meta import command_line
+
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--from-the-shell"])
+    assert command_line("x.py", ["--quick"]) == "python benches/x.py --quick"
+    assert command_line("x.py", []) == "python benches/x.py"
+    assert command_line("x.py") == "python benches/x.py --from-the-shell"
