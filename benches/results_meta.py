@@ -77,5 +77,14 @@ def write_result(name: str, payload: dict[str, Any], out_dir: Path | None = None
     out = out_dir or Path(os.environ.get("ALORA_RESULTS_DIR", RESULTS))
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    path.write_text(json.dumps({**provenance(), **payload}, indent=2) + "\n")
+    path.write_text(json.dumps({**_own_command(), **provenance(), **payload}, indent=2) + "\n")
     return path
+
+
+def _own_command() -> dict[str, str]:
+    """{"command": ...} when this process is a bench script run as such, so every result says
+    how to make it again; a payload's own "command" wins."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if script is None or script.parent != ROOT / "benches" or script.suffix != ".py":
+        return {}
+    return {"command": command_line(script.name)}

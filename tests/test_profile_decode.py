@@ -106,3 +106,19 @@ def test_a_result_records_the_arguments_it_was_given(monkeypatch: pytest.MonkeyP
     assert command_line("x.py", ["--quick"]) == "python benches/x.py --quick"
     assert command_line("x.py", []) == "python benches/x.py"
     assert command_line("x.py") == "python benches/x.py --from-the-shell"
+
+
+def test_a_bench_run_as_a_script_records_its_command(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import results_meta
+
+    script = str(results_meta.ROOT / "benches" / "bench_chain.py")
+    monkeypatch.setattr(sys, "argv", [script, "--model", "smollm2"])
+    made = json.loads(results_meta.write_result("r", {"x": 1}, out_dir=tmp_path).read_text())
+    assert made["command"] == "python benches/bench_chain.py --model smollm2"
+    own = {"command": "python benches/bench_chain.py --quick", "x": 1}
+    kept = json.loads(results_meta.write_result("r", own, out_dir=tmp_path).read_text())
+    assert kept["command"] == "python benches/bench_chain.py --quick"
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/pytest", "-q"])
+    assert "command" not in json.loads(results_meta.write_result("r", {}, tmp_path).read_text())
