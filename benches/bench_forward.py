@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_meta import command_line, write_result
+from results_meta import write_result
 
 import alora
 
@@ -236,7 +236,6 @@ def main() -> None:
     payload = {
         "bench": "forward",
         "name": args.name,
-        "command": command_line("bench_forward.py"),
         "model": label,
         "model_info": {
             "model": label,

@@ -73,7 +73,8 @@ def smoke_dir(quick: bool) -> Path | None:
 
 
 def write_result(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
-    """Write `payload` plus provenance to `<out_dir>/<name>.json` (default benches/results)."""
+    """Write `payload` plus provenance (and the command, for a bench script run as such) to
+    `<out_dir>/<name>.json` (default benches/results)."""
     out = out_dir or Path(os.environ.get("ALORA_RESULTS_DIR", RESULTS))
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
